@@ -1,0 +1,10 @@
+"""Collects the pack's node classes into ComfyUI's mappings."""
+
+from . import dev_models
+
+NODE_CLASSES = [*dev_models.NODES]
+
+NODE_CLASS_MAPPINGS = {cls.define_schema().node_id: cls for cls in NODE_CLASSES}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    cls.define_schema().node_id: cls.define_schema().display_name for cls in NODE_CLASSES
+}

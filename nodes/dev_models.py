@@ -1,0 +1,85 @@
+"""Tiny seeded models and text conditioning, so the pack can be tried with no downloaded weights."""
+
+from __future__ import annotations
+
+import torch
+from comfy_api.latest import io
+
+from ..core import host
+from ..core.tiny import FAMILIES, TinyModelError, TinySizes
+from .types import DEV_CATEGORY
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class TinyModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LycorisTinyModel",
+            display_name="Tiny Model (LyCORIS dev)",
+            category=DEV_CATEGORY,
+            description=(
+                "Builds a small random-weight Flux 2 (Klein layout), Flux 1 or SDXL model with the "
+                "real architecture, seeded, for trying the pack without downloaded weights. Swap in "
+                "a real loader (Load Diffusion Model / Load Checkpoint) for real work."
+            ),
+            inputs=[
+                io.Combo.Input("family", options=list(FAMILIES), default="flux2",
+                               tooltip="Architecture: flux2 (Klein layout), flux1 or sdxl."),
+                io.Int.Input("width", default=128, min=32, max=4096, step=32,
+                             tooltip="Hidden size (Flux) or model channels (SDXL, multiple of 32)."),
+                io.Int.Input("heads", default=1, min=1, max=64,
+                             tooltip="Attention heads; width / heads is the head dimension (Flux: multiple of 8)."),
+                io.Int.Input("depth", default=1, min=1, max=64,
+                             tooltip="Double-stream blocks (Flux) or transformer depth per attention level (SDXL)."),
+                io.Int.Input("single_depth", default=1, min=0, max=64,
+                             tooltip="Single-stream blocks (Flux only; ignored for SDXL)."),
+                io.Int.Input("context_dim", default=64, min=8, max=8192,
+                             tooltip="Width of the text embedding the model takes (use the same in Tiny Text Encode)."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
+                             tooltip="Seed of the random weights: same seed, same model, on any machine."),
+                io.Combo.Input("dtype", options=list(_DTYPES), default="float32",
+                               tooltip="Storage dtype of the weights."),
+            ],
+            outputs=[io.Model.Output(tooltip="The tiny model, usable by any MODEL input.")],
+        )
+
+    @classmethod
+    def execute(cls, family, width, heads, depth, single_depth, context_dim, seed, dtype) -> io.NodeOutput:
+        sizes = TinySizes(family=family, width=width, heads=heads, depth=depth,
+                          single_depth=single_depth, context_dim=context_dim, seed=seed)
+        try:
+            model = host.build_tiny_model(sizes, _DTYPES[dtype])
+        except TinyModelError as err:
+            raise ValueError(f"Tiny Model: {err}") from None
+        return io.NodeOutput(model)
+
+
+class TinyTextEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LycorisTinyTextEncode",
+            display_name="Tiny Text Encode (LyCORIS dev)",
+            category=DEV_CATEGORY,
+            description=(
+                "Deterministic stand-in for a text encoder, sized for the given model: each word maps "
+                "to a fixed random vector. Pairs with Tiny Model; use CLIP Text Encode with a real model."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The model the conditioning is for (its text width is read from it)."),
+                io.String.Input("text", multiline=True, default="a photo",
+                                tooltip="Caption; the same text always gives the same conditioning."),
+                io.Int.Input("tokens", default=8, min=1, max=512,
+                             tooltip="Sequence length of the embedding (words beyond it are dropped)."),
+            ],
+            outputs=[io.Conditioning.Output(tooltip="Conditioning for samplers and training.")],
+        )
+
+    @classmethod
+    def execute(cls, model, text, tokens) -> io.NodeOutput:
+        return io.NodeOutput(host.tiny_conditioning(model, text, tokens))
+
+
+NODES = [TinyModel, TinyTextEncode]

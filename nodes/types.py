@@ -1,0 +1,10 @@
+"""Custom socket types of the pack, declared once. Their names never change once shared."""
+
+from comfy_api.latest import io
+
+LycorisConfig = io.Custom("LYCORIS_CONFIG")
+LycorisAdapter = io.Custom("LYCORIS_ADAPTER")
+LycorisJob = io.Custom("LYCORIS_JOB")
+
+CATEGORY = "LyCORIS"
+DEV_CATEGORY = "LyCORIS/dev"
