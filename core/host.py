@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from .families import profile_for
 from .tiny import TINY_POOLED_DIM, TinySizes, seed_parameters, text_embedding, unet_config
 
 _SUPPORTED_CLASS = {"flux2": "Flux2", "flux1": "Flux", "sdxl": "SDXL"}
@@ -41,23 +42,58 @@ def build_tiny_model(sizes: TinySizes, dtype: torch.dtype = torch.float32) -> An
     )
 
 
+def model_unet_config(model: Any) -> dict:
+    """The `unet_config` of a ComfyUI MODEL: what family profiles read."""
+    return model.model.model_config.unet_config
+
+
 def model_family(model: Any) -> str:
     """'flux2', 'flux1' or 'sdxl' for a ComfyUI MODEL; ValueError naming the model otherwise."""
-    cfg = model.model.model_config.unet_config
-    image_model = cfg.get("image_model")
-    if image_model == "flux2":
-        return "flux2"
-    if image_model == "flux":
-        return "flux1"
-    if cfg.get("adm_in_channels") == 2816 and cfg.get("context_dim") is not None:
-        return "sdxl"
-    raise ValueError(f"model: {type(model.model).__name__} is not a Flux 1, Flux 2 or SDXL model")
+    return profile_for(model_unet_config(model)).name
 
 
 def tiny_conditioning(model: Any, text: str, tokens: int) -> list:
     """CONDITIONING for `model` from the deterministic tiny text embedding of `text`."""
     family = model_family(model)
-    cfg = model.model.model_config.unet_config
+    cfg = model_unet_config(model)
     dim = cfg["context_dim"] if family == "sdxl" else cfg["context_in_dim"]
     cond, pooled = text_embedding(text, tokens, dim, TINY_POOLED_DIM[family])
     return [[cond, {"pooled_output": pooled}]]
+
+
+def sampler_sigmas(model: Any, scheduler: str, steps: int, denoise: float = 1.0) -> torch.Tensor:
+    """The sigma schedule KSampler would use for `model` (steps + 1 values, the last one 0).
+
+    ComfyUI's own `calculate_sigmas` on the model's (possibly patched) `model_sampling`; a denoise
+    below 1 runs int(steps / denoise) steps and keeps the last steps + 1 sigmas, as KSampler does.
+    """
+    import comfy.samplers
+
+    if scheduler not in comfy.samplers.SCHEDULER_NAMES:
+        raise ValueError(f"scheduler: '{scheduler}' is not one of {', '.join(comfy.samplers.SCHEDULER_NAMES)}")
+    model_sampling = model.get_model_object("model_sampling")
+    if denoise > 0.9999:
+        return comfy.samplers.calculate_sigmas(model_sampling, scheduler, steps).cpu()
+    if denoise <= 0.0:
+        return torch.zeros(0)
+    sigmas = comfy.samplers.calculate_sigmas(model_sampling, scheduler, int(steps / denoise)).cpu()
+    return sigmas[-(steps + 1):]
+
+
+def sigma_timesteps(model: Any, sigmas: torch.Tensor) -> torch.Tensor:
+    """Integer T-LoRA timesteps (0..1000) of `sigmas`, from the model's own `model_sampling.timestep`.
+
+    Flux-style flow sampling gives t in 0..1 (scaled by 1000), SD3-style flow gives
+    `multiplier * sigma` (rescaled to 0..1000), discrete sampling (SDXL) gives the index 0..999.
+    """
+    import comfy.model_sampling as ms
+
+    from .tlora import T_MAX, integer_timestep
+
+    sampling = model.get_model_object("model_sampling")
+    raw = sampling.timestep(sigmas.float()).double()
+    if isinstance(sampling, ms.ModelSamplingFlux):
+        raw = raw * T_MAX
+    elif isinstance(sampling, ms.ModelSamplingDiscreteFlow):
+        raw = raw * (T_MAX / sampling.multiplier)
+    return torch.tensor([integer_timestep(t) for t in raw.flatten().tolist()], dtype=torch.long)

@@ -30,7 +30,7 @@ class TinySizes:
 
     family: str = "flux2"
     width: int = 128  # hidden size (Flux) or model channels (SDXL)
-    heads: int = 1  # attention heads (Flux); SDXL uses width // heads channels per head
+    heads: int = 1  # attention heads (Flux); SDXL always has 64 channels per head (ComfyUI fixes it)
     depth: int = 1  # double-stream blocks (Flux) or transformer depth per attention level (SDXL)
     single_depth: int = 1  # single-stream blocks (Flux only)
     context_dim: int = 64  # text-embedding width the model expects
@@ -54,6 +54,8 @@ def unet_config(sizes: TinySizes) -> dict:
     _check(sizes.family in FAMILIES, f"family: '{sizes.family}' is not one of {', '.join(FAMILIES)}")
     for name in ("width", "heads", "depth", "context_dim"):
         _check(getattr(sizes, name) >= 1, f"{name}: must be at least 1, got {getattr(sizes, name)}")
+    if sizes.family == "sdxl":
+        return _sdxl_config(sizes)
     _check(sizes.width % sizes.heads == 0, f"width: {sizes.width} is not divisible by heads={sizes.heads}")
     head_dim = sizes.width // sizes.heads
     if sizes.family == "flux2":
@@ -75,15 +77,19 @@ def unet_config(sizes: TinySizes) -> dict:
             axes_dim=_flux1_axes(head_dim), theta=10000, patch_size=2, qkv_bias=True,
             guidance_embed=True,
         )
-    # SDXL: same block layout as the real model (3 levels, attention on levels 2 and 3).
-    _check(sizes.width % 32 == 0, f"width: SDXL model channels must be a multiple of 32 (group norm), got {sizes.width}")
+
+
+def _sdxl_config(sizes: TinySizes) -> dict:
+    """SDXL's block layout (3 levels, attention on levels 2 and 3), with small widths."""
+    # Group norms need multiples of 32; attention levels (2x, 4x width) then hold whole 64-channel heads.
+    _check(sizes.width % 32 == 0, f"width: SDXL model channels must be a multiple of 32, got {sizes.width}")
     d = sizes.depth
     return {
         "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
         "legacy": False, "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4,
         "model_channels": sizes.width, "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, d, d, d, d],
         "channel_mult": [1, 2, 4], "transformer_depth_middle": d, "use_linear_in_transformer": True,
-        "context_dim": sizes.context_dim, "num_head_channels": head_dim,
+        "context_dim": sizes.context_dim, "num_head_channels": 64,
         "transformer_depth_output": [0, 0, 0, d, d, d, d, d, d],
         "use_temporal_attention": False, "use_temporal_resblock": False,
     }

@@ -1,8 +1,8 @@
 """Collects the pack's node classes into ComfyUI's mappings."""
 
-from . import dev_models
+from . import config_nodes, dev_models, tlora_visualizer
 
-NODE_CLASSES = [*dev_models.NODES]
+NODE_CLASSES = [*config_nodes.NODES, *tlora_visualizer.NODES, *dev_models.NODES]
 
 NODE_CLASS_MAPPINGS = {cls.define_schema().node_id: cls for cls in NODE_CLASSES}
 NODE_DISPLAY_NAME_MAPPINGS = {

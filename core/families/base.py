@@ -49,6 +49,7 @@ class FamilyProfile(ABC):
     name: str  # 'flux1', 'flux2', 'sdxl'
     display_name: str
     diffusers_class: str  # e.g. 'Flux2Transformer2DModel'
+    suggested_targets: tuple[str, ...] = ()  # target_module classes to propose when a config matches nothing
 
     @abstractmethod
     def matches(self, unet_config: dict) -> bool:
@@ -73,3 +74,25 @@ class FamilyProfile(ABC):
         cls = getattr(diffusers, self.diffusers_class)
         with torch.device(device):
             return cls(**self.diffusers_config(unet_config))
+
+
+def place_rows(route: Route, comfy: torch.Tensor, diffusers: torch.Tensor) -> None:
+    """Write a diffusers weight (or bias) into the ComfyUI tensor at the route's rows, in place."""
+    if route.blocks is None:
+        if comfy.shape != diffusers.shape:
+            raise ValueError(f"{route.comfy_module}: shape {tuple(diffusers.shape)} does not fit {tuple(comfy.shape)}")
+        comfy.copy_(diffusers)
+        return
+    for c, d, n in route.blocks:
+        comfy[c : c + n].copy_(diffusers[d : d + n])
+
+
+def take_rows(route: Route, comfy: torch.Tensor) -> torch.Tensor:
+    """The diffusers weight (or bias) a route describes, cut out of the ComfyUI tensor."""
+    if route.blocks is None:
+        return comfy
+    out_rows = sum(n for _, _, n in route.blocks)
+    out = comfy.new_empty((out_rows, *comfy.shape[1:]))
+    for c, d, n in route.blocks:
+        out[d : d + n] = comfy[c : c + n]
+    return out

@@ -1,0 +1,214 @@
+"""Target resolution with SimpleTuner/LyCORIS semantics, on a weightless diffusers skeleton.
+
+`resolve` reproduces what `LycorisNetwork.apply_preset(apply_preset)` followed by
+`create_lycoris(model, multiplier, linear_dim, linear_alpha, **config)` selects (class names,
+regex/fnmatch names, module_algo_map / name_algo_map overrides, exclusions, per-module dim /
+alpha / algorithm keywords), without touching LyCORIS's process-global class state. Each
+selected diffusers module is paired with its ComfyUI route from the family profile.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .config import ConfigError, LycorisConfig
+from .families import FamilyProfile, Route, profile_for
+
+# create_lycoris applies its `preset` (default "full") after the user's apply_preset; of a
+# built-in preset only `enable_conv` reaches LycorisNetwork, so it decides conv handling.
+BUILTIN_PRESET_ENABLE_CONV = {
+    "full": True, "full-lin": False, "attn-mlp": False, "attn-only": False, "unet-only": True,
+    "unet-transformer-only": False, "unet-convblock-only": True, "ia3": False,
+}
+
+# Config keyword -> the module keyword create_lycoris passes it as (LycorisNetwork root kwargs).
+_ROOT_KWARGS = {"decompose_both": "decompose_both", "factor": "factor", "block_size": "block_size",
+                "constraint": "constraint", "rescaled": "rescaled", "dora_wd": "weight_decompose",
+                "wd_on_output": "wd_on_out", "full_matrix": "full_matrix", "bypass_mode": "bypass_mode",
+                "unbalanced_factorization": "unbalanced_factorization"}
+_ROOT_DEFAULTS = {"factor": -1, "decompose_both": False, "block_size": 4, "constraint": 0.0, "rescaled": False,
+                  "weight_decompose": False, "wd_on_out": True, "full_matrix": False, "bypass_mode": False,
+                  "unbalanced_factorization": False}
+
+
+@dataclass(frozen=True)
+class PlannedTarget:
+    """One adapter module: where it is in diffusers and in ComfyUI, and how it is built."""
+
+    path: str  # diffusers module path, e.g. transformer_blocks.0.attn.to_q
+    lora_name: str  # key prefix in adapter files, e.g. lycoris_transformer_blocks_0_attn_to_q
+    layer: str  # 'Linear' or 'Conv2d'
+    owner_class: str  # the class that selected it (target_module / module_algo_map), or 'name'
+    weight_shape: tuple[int, ...]
+    route: Route
+    algo: str
+    dim: int
+    alpha: float
+    use_tucker: bool
+    module_kwargs: Mapping[str, Any] = field(default_factory=dict)  # as LyCORIS's module receives them
+
+
+@dataclass(frozen=True)
+class Plan:
+    family: str
+    targets: tuple[PlannedTarget, ...]
+    warnings: tuple[str, ...] = ()
+
+    def by_path(self) -> dict[str, PlannedTarget]:
+        return {t.path: t for t in self.targets}
+
+
+class _Matcher:
+    """LyCORIS's name matching: exact name, or regex `re.match` / `fnmatch` per `use_fnmatch`."""
+
+    def __init__(self, use_fnmatch: bool):
+        self.use_fnmatch = use_fnmatch
+
+    def match(self, pattern: str, name: str) -> bool:
+        return fnmatch.fnmatch(name, pattern) if self.use_fnmatch else bool(re.match(pattern, name))
+
+    def any(self, patterns, name: str) -> bool:
+        return name in patterns or any(self.match(p, name) for p in patterns)
+
+
+def _join(*parts: str) -> str:
+    return ".".join(p for p in parts if p)
+
+
+class _Selector:
+    """The selection walk of `LycorisNetwork.__init__` (create_modules / create_modules_)."""
+
+    def __init__(self, config: LycorisConfig):
+        self.config = config
+        self.preset = config.preset
+        self.m = _Matcher(config.preset.use_fnmatch)
+        self.root_kwargs = {**_ROOT_DEFAULTS, **{_ROOT_KWARGS[k]: v for k, v in config.keywords.items()
+                                                 if k in _ROOT_KWARGS}}
+        self.use_tucker = bool(config.keywords.get("use_tucker", False))
+        builtin = config.source.get("preset", "full")
+        if builtin not in BUILTIN_PRESET_ENABLE_CONV:
+            raise ConfigError(f"preset: '{builtin}' is not a LyCORIS built-in preset "
+                              f"({', '.join(BUILTIN_PRESET_ENABLE_CONV)})")
+        enable_conv = BUILTIN_PRESET_ENABLE_CONV[builtin]
+        conv_dim = config.keywords.get("conv_dim") or config.linear_dim
+        self.conv_dim = int(conv_dim) if enable_conv else 0
+        self.conv_alpha = float(config.keywords.get("conv_alpha") or config.linear_alpha)
+        self.selected: dict[str, tuple] = {}  # lora_name -> (path, module, algo, dim, alpha, configs, owner)
+
+    def lora_name(self, path: str) -> str:
+        return f"{self.preset.lora_prefix}_{path}".replace(".", "_")
+
+    def run(self, root: torch.nn.Module) -> None:
+        target_modules = set(self.preset.target_module) | set(self.preset.module_algo_map)
+        target_names = list(dict.fromkeys([*self.preset.target_name, *self.preset.name_algo_map]))
+        for name, module in root.named_modules():
+            if self.m.any(self.preset.exclude_name, name) and name:
+                continue
+            cls = type(module).__name__
+            if cls in target_modules and not any(self.m.match(t, name) for t in target_names):
+                configs = self.preset.module_algo_map.get(cls, {})
+                self.walk(name, module, configs.get("algo", self.config.algo), configs, cls)
+            elif self.m.any(target_names, name):
+                configs = self._name_config(name) or self.preset.module_algo_map.get(cls) or {}
+                if self.lora_name(name) not in self.selected:
+                    self.single(name, module, configs.get("algo", self.config.algo), configs, "name")
+
+    def _name_config(self, name: str) -> Mapping[str, Any] | None:
+        if name in self.preset.name_algo_map:
+            return self.preset.name_algo_map[name]
+        return next((v for k, v in self.preset.name_algo_map.items() if self.m.match(k, name)), None)
+
+    def walk(self, path: str, root: torch.nn.Module, algo: str, configs: Mapping, owner: str) -> None:
+        for sub, module in root.named_modules():
+            full = _join(path, sub)
+            if full and self.m.any(self.preset.exclude_name, full):
+                continue
+            cls = type(module).__name__
+            if cls in self.preset.module_algo_map and module is not root:
+                nested = self.preset.module_algo_map[cls]
+                self.walk(full, module, nested.get("algo", algo), nested, cls)
+                continue
+            if self.lora_name(full) not in self.selected:
+                self.single(full, module, algo, configs, owner)
+
+    def single(self, path: str, module: torch.nn.Module, algo: str, configs: Mapping, owner: str) -> None:
+        """create_single_module: which layers get an adapter, with which dim and alpha."""
+        if self.config.keywords.get("train_norm") and "Norm" in type(module).__name__:
+            raise ConfigError("train_norm: adapting norm layers is not supported by this pack")
+        dim, alpha = configs.get("dim"), configs.get("alpha")
+        if isinstance(module, torch.nn.Linear) and self.config.linear_dim > 0:
+            dim, alpha = dim or self.config.linear_dim, alpha or self.config.linear_alpha
+        elif isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)):
+            if module.kernel_size[0] == 1 and self.config.linear_dim > 0:
+                dim, alpha = dim or self.config.linear_dim, alpha or self.config.linear_alpha
+            elif self.conv_dim > 0 or dim:
+                dim, alpha = dim or self.conv_dim, alpha or self.conv_alpha
+            else:
+                return
+        else:
+            return
+        self.selected[self.lora_name(path)] = (path, module, algo, dim, alpha, configs, owner)
+
+
+def _layer_classes(skeleton: torch.nn.Module) -> list[str]:
+    """Classes in the model that contain a Linear/Conv, i.e. names a target_module can use."""
+    names = set()
+    for _, module in skeleton.named_modules():
+        if module is skeleton:
+            continue
+        if any(isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) for m in module.modules()):
+            names.add(type(module).__name__)
+    return sorted(names - {"ModuleList", "Sequential"})
+
+
+def _no_match_error(config: LycorisConfig, skeleton: torch.nn.Module, profile: FamilyProfile) -> ConfigError:
+    wanted = [*config.preset.target_module, *config.preset.module_algo_map, *config.preset.target_name,
+              *config.preset.name_algo_map]
+    message = (f"apply_preset: {', '.join(wanted) or '(no targets)'} matched no layer of this "
+               f"{profile.display_name} model; its classes are: {', '.join(_layer_classes(skeleton))}")
+    if profile.suggested_targets:
+        message += f". For {profile.display_name} use target_module {list(profile.suggested_targets)}"
+    return ConfigError(message)
+
+
+def resolve(config: LycorisConfig, skeleton: torch.nn.Module, profile: FamilyProfile, unet_config: dict) -> Plan:
+    """The adapter plan of `config` on a model of `profile`'s family (skeleton from `build_skeleton`)."""
+    routes = profile.routes(unet_config)
+    selector = _Selector(config)
+    selector.run(skeleton)
+    targets = []
+    for lora_name, (path, module, algo, dim, alpha, configs, owner) in selector.selected.items():
+        if path not in routes:
+            raise ConfigError(f"apply_preset: {path} has no ComfyUI counterpart in {profile.display_name}")
+        kwargs = {**selector.root_kwargs, **{k: v for k, v in configs.items() if k not in ("dim", "alpha", "algo")}}
+        use_tucker = bool(kwargs.pop("use_tucker", selector.use_tucker))
+        targets.append(PlannedTarget(
+            path=path, lora_name=lora_name, layer=type(module).__name__, owner_class=owner,
+            weight_shape=tuple(module.weight.shape), route=routes[path], algo=algo, dim=int(dim),
+            alpha=float(alpha), use_tucker=use_tucker, module_kwargs=kwargs,
+        ))
+    if not targets:
+        raise _no_match_error(config, skeleton, profile)
+    return Plan(family=profile.name, targets=tuple(targets), warnings=config.warnings)
+
+
+@functools.lru_cache(maxsize=8)
+def _skeleton(family: str, unet_config_json: str) -> torch.nn.Module:
+    from .families import profile_named
+
+    return profile_named(family).build_skeleton(json.loads(unet_config_json))
+
+
+def plan_for(config: LycorisConfig, unet_config: dict) -> Plan:
+    """Resolve a config against a ComfyUI model's `unet_config` (skeletons are cached per config)."""
+    profile = profile_for(unet_config)
+    key = json.dumps(unet_config, sort_keys=True, default=str)
+    return resolve(config, _skeleton(profile.name, key), profile, unet_config)

@@ -1,0 +1,98 @@
+"""LyCORIS Config (preset or pasted JSON) and LyCORIS Plan (what a config adapts on a model)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from comfy_api.latest import io, ui
+
+from ..core import host
+from ..core.config import ConfigError, load_json, parse_config
+from ..core.plan_report import summarize
+from ..core.targets import plan_for
+from .types import CATEGORY, LycorisConfig
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CUSTOM = "custom"
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.json") if p.name != "schema.json")
+
+
+class LoadConfig(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LycorisConfig",
+            display_name="LyCORIS Config",
+            category=CATEGORY,
+            description=(
+                "A LyCORIS config in SimpleTuner's format (the lycoris_config.json SimpleTuner reads): "
+                "a shipped preset, optionally with overrides, or your own JSON. Errors name the field."
+            ),
+            inputs=[
+                io.Combo.Input("preset", options=[*preset_names(), CUSTOM], default="flux2_lokr",
+                               tooltip="A preset from the pack's configs/ folder, or 'custom' to paste a whole config below."),
+                io.String.Input("config_json", multiline=True, default="",
+                                tooltip="With 'custom': the whole config JSON. With a preset: a JSON object of keys to "
+                                        "override, e.g. {\"linear_dim\": 32, \"factor\": 8}. Empty: none."),
+            ],
+            outputs=[
+                LycorisConfig.Output("config", display_name="config", tooltip="The validated config, for Plan / Train nodes."),
+                io.String.Output("json", display_name="json", tooltip="The effective config as SimpleTuner JSON."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, preset, config_json) -> io.NodeOutput:
+        try:
+            if preset == CUSTOM:
+                if not config_json.strip():
+                    raise ConfigError("config_json: empty; paste a config or pick a preset")
+                config = parse_config(config_json)
+            else:
+                if preset not in preset_names():
+                    raise ConfigError(f"preset: '{preset}' is not in configs/ ({', '.join(preset_names())})")
+                overrides = load_json(config_json) if config_json.strip() else None
+                config = parse_config((CONFIG_DIR / f"{preset}.json").read_text(), overrides)
+        except ConfigError as err:
+            raise ValueError(f"LyCORIS config error: {err}") from None
+        lines = [config.description] if config.description else []
+        lines += [f"warning: {w}" for w in config.warnings]
+        text = "\n".join(lines) or f"{config.algo}, dim {config.linear_dim}, alpha {config.linear_alpha:g}"
+        return io.NodeOutput(config, json.dumps(dict(config.source), indent=2), ui=ui.PreviewText(text))
+
+
+class Plan(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LycorisPlan",
+            display_name="LyCORIS Plan",
+            category=CATEGORY,
+            description=(
+                "Shows what a config adapts on this model, resolved exactly as SimpleTuner/LyCORIS would: "
+                "modules per class, algorithm settings, parameter count and file size. Zero matches is an error "
+                "that lists the classes the model has."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="A Flux 2, Flux 1 or SDXL model."),
+                LycorisConfig.Input("config", tooltip="From LyCORIS Config."),
+            ],
+            outputs=[io.String.Output("summary", display_name="summary", tooltip="The plan as text.")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, model, config) -> io.NodeOutput:
+        try:
+            plan = plan_for(config, host.model_unet_config(model))
+        except ConfigError as err:
+            raise ValueError(f"LyCORIS config error: {err}") from None
+        text = summarize(plan)
+        return io.NodeOutput(text, ui=ui.PreviewText(text))
+
+
+NODES = [LoadConfig, Plan]
