@@ -1,6 +1,9 @@
 # Every target sets up the pinned host runtime first (idempotent; see scripts/setup.sh).
 # COMFYUI_PATH=/path/to/ComfyUI runs against that ComfyUI instead of the pinned 0.3.75.
 PY := .venv/bin/python
+# The repo root is the pack (it has an __init__.py); pytest must not collect it as a package,
+# so its config and rootdir are tests/.
+PYTEST := $(PY) -m pytest -c tests/pytest.ini --rootdir tests
 export COMFYUI_PATH
 
 .PHONY: setup test unit lint demo bench clean
@@ -12,10 +15,10 @@ lint: setup
 	$(PY) -m ruff check .
 
 test: setup lint
-	$(PY) -m pytest
+	$(PYTEST) tests
 
 unit: setup
-	$(PY) -m pytest -m "not integration"
+	$(PYTEST) -m "not integration" tests
 
 demo: setup
 	$(PY) scripts/demo.py

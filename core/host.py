@@ -81,6 +81,11 @@ def sampler_sigmas(model: Any, scheduler: str, steps: int, denoise: float = 1.0)
 
 
 def sigma_timesteps(model: Any, sigmas: torch.Tensor) -> torch.Tensor:
+    """Integer T-LoRA timesteps (0..1000) of `sigmas` for a MODEL (see `sampling_timesteps`)."""
+    return sampling_timesteps(model.get_model_object("model_sampling"), sigmas)
+
+
+def sampling_timesteps(sampling: Any, sigmas: torch.Tensor) -> torch.Tensor:
     """Integer T-LoRA timesteps (0..1000) of `sigmas`, from the model's own `model_sampling.timestep`.
 
     Flux-style flow sampling gives t in 0..1 (scaled by 1000), SD3-style flow gives
@@ -90,10 +95,78 @@ def sigma_timesteps(model: Any, sigmas: torch.Tensor) -> torch.Tensor:
 
     from .tlora import T_MAX, integer_timestep
 
-    sampling = model.get_model_object("model_sampling")
     raw = sampling.timestep(sigmas.float()).double()
     if isinstance(sampling, ms.ModelSamplingFlux):
         raw = raw * T_MAX
     elif isinstance(sampling, ms.ModelSamplingDiscreteFlow):
         raw = raw * (T_MAX / sampling.multiplier)
     return torch.tensor([integer_timestep(t) for t in raw.flatten().tolist()], dtype=torch.long)
+
+
+# -- adapters on ModelPatcher clones ---------------------------------------------------------
+
+_RUNTIME_KEY = "lycoris"  # transformer_options entry and wrapper key
+
+
+def attach_application(model: Any, application: Any) -> Any:
+    """A clone of `model` that runs `application` (bypass) on top of the adapters it already has."""
+    import comfy.patcher_extension as pe
+
+    from .runtime import install_hooks
+
+    clone = model.clone()
+    install_hooks(clone.model.diffusion_model, list(application.bindings))
+    options = clone.model_options.setdefault("transformer_options", {})
+    options[_RUNTIME_KEY] = (*options.get(_RUNTIME_KEY, ()), application)
+    if not clone.get_wrappers(pe.WrappersMP.APPLY_MODEL, _RUNTIME_KEY):
+        clone.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, _RUNTIME_KEY, _apply_model_wrapper)
+    return clone
+
+
+def applications(model: Any) -> tuple:
+    return tuple(model.model_options.get("transformer_options", {}).get(_RUNTIME_KEY, ()))
+
+
+def _apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None,
+                         transformer_options=None, **kwargs):
+    """Runs only for clones that carry adapters: activates them for this model call."""
+    from .runtime import active, build_call_state
+
+    transformer_options = transformer_options if transformer_options is not None else {}
+    apps = transformer_options.get(_RUNTIME_KEY, ())
+    if not apps:
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+    chunks = len(transformer_options.get("cond_or_uncond") or [None])
+    timesteps = None
+    if any(app.tlora is not None for app in apps):
+        timesteps = sampling_timesteps(executor.class_obj.model_sampling, t.reshape(-1)).to(x.device)
+        if timesteps.numel() == 1:
+            timesteps = timesteps.expand(x.shape[0])
+    state = build_call_state(apps, x.shape[0], chunks, timesteps)
+    with active(state):
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+
+
+def merge_patches(model: Any, patches: list[tuple[str, tuple | None, torch.Tensor]]) -> Any:
+    """A clone with weight deltas added through ComfyUI's patch mechanism (unpatch restores the base).
+
+    Each patch is (parameter key under diffusion_model, ComfyUI offset (dim, start, length) or
+    None, delta tensor), applied as a plain 'diff' patch at strength 1.
+    """
+    clone = model.clone()
+    grouped: dict = {}
+    for key, offset, delta in patches:
+        full_key = f"diffusion_model.{key}"
+        grouped[full_key if offset is None else (full_key, offset)] = (delta,)
+    added = clone.add_patches(grouped, 1.0)
+    missing = set(grouped) - set(added)
+    if missing:
+        raise ValueError(f"merge: ComfyUI has no weight for {sorted(map(str, missing))[:3]}")
+    return clone
+
+
+def comfy_weight(model: Any, key: str) -> torch.Tensor:
+    """A weight of the ComfyUI diffusion model, unpatched (from ComfyUI's backup if it is patched now)."""
+    backup = model.backup.get(f"diffusion_model.{key}")
+    weight = backup.weight if backup is not None else model.model.diffusion_model.get_parameter(key)
+    return weight.detach().to("cpu", torch.float32)

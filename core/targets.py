@@ -207,8 +207,11 @@ def _skeleton(family: str, unet_config_json: str) -> torch.nn.Module:
     return profile_named(family).build_skeleton(json.loads(unet_config_json))
 
 
+def skeleton_for(unet_config: dict) -> torch.nn.Module:
+    """The (cached, shared, read-only) meta-device diffusers skeleton of a ComfyUI model's config."""
+    return _skeleton(profile_for(unet_config).name, json.dumps(unet_config, sort_keys=True, default=str))
+
+
 def plan_for(config: LycorisConfig, unet_config: dict) -> Plan:
-    """Resolve a config against a ComfyUI model's `unet_config` (skeletons are cached per config)."""
-    profile = profile_for(unet_config)
-    key = json.dumps(unet_config, sort_keys=True, default=str)
-    return resolve(config, _skeleton(profile.name, key), profile, unet_config)
+    """Resolve a config against a ComfyUI model's `unet_config`."""
+    return resolve(config, skeleton_for(unet_config), profile_for(unet_config), unet_config)

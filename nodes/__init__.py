@@ -1,8 +1,14 @@
 """Collects the pack's node classes into ComfyUI's mappings."""
 
-from . import config_nodes, dev_models, tlora_visualizer
+from . import ab_nodes, adapter_nodes, config_nodes, dev_models, tlora_visualizer
 
-NODE_CLASSES = [*config_nodes.NODES, *tlora_visualizer.NODES, *dev_models.NODES]
+NODE_CLASSES = [
+    *config_nodes.NODES,
+    *adapter_nodes.NODES,
+    *ab_nodes.NODES,
+    *tlora_visualizer.NODES,
+    *dev_models.NODES,
+]
 
 NODE_CLASS_MAPPINGS = {cls.define_schema().node_id: cls for cls in NODE_CLASSES}
 NODE_DISPLAY_NAME_MAPPINGS = {

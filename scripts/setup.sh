@@ -84,9 +84,16 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
   # torch/torchvision come from the lock; torchaudio (audio nodes only) has no build for this
   # torch here, so it is tried on its own and may be missing.
   grep -viE '^\s*(torch|torchvision|torchaudio)\s*([<>=!~;#].*)?$' "$COMFY_REQS" > "$CACHE/comfyui-requirements.txt"
-  run pip-comfyui "$VENV/bin/python" -m pip install -r "$CACHE/comfyui-requirements.txt" -c "$ROOT/requirements-lock.txt"
+  # The pinned runtime is held to the whole lock; a user's ComfyUI (COMFYUI_PATH) pins its own
+  # frontend and helpers, so only torch is held there.
+  if [ -n "${COMFYUI_PATH:-}" ]; then
+    grep -iE '^(torch|torchvision|torchaudio)==' "$ROOT/requirements-lock.txt" > "$CACHE/constraints.txt"
+  else
+    cp "$ROOT/requirements-lock.txt" "$CACHE/constraints.txt"
+  fi
+  run pip-comfyui "$VENV/bin/python" -m pip install -r "$CACHE/comfyui-requirements.txt" -c "$CACHE/constraints.txt"
   if grep -qiE '^\s*torchaudio' "$COMFY_REQS" && ! "$VENV/bin/python" -c "import torchaudio" 2>/dev/null; then
-    "$VENV/bin/python" -m pip install -c "$ROOT/requirements-lock.txt" torchaudio >"$CACHE/setup-torchaudio.log" 2>&1 \
+    "$VENV/bin/python" -m pip install -c "$CACHE/constraints.txt" torchaudio >"$CACHE/setup-torchaudio.log" 2>&1 \
       || echo "setup: note: torchaudio not installable beside this torch; ComfyUI's audio nodes will not load"
   fi
   echo "$want" > "$STAMP"

@@ -1,0 +1,77 @@
+"""An adapter file resolved against a model family: the value of a `LYCORIS_ADAPTER` socket."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .adapter_file import AdapterFile, match_modules, read_adapter
+from .adapters import LayerSpec, parse_module
+from .config import LycorisConfig
+from .families import profile_for
+from .runtime import Application, ModuleBinding, TLoraSchedule
+from .targets import skeleton_for
+
+
+class AdapterMismatchError(ValueError):
+    """The adapter does not fit the model (unmatched keys with strict, or another family)."""
+
+
+@dataclass(eq=False)
+class LoadedAdapter:
+    """Adapter modules bound to diffusers paths and ComfyUI routes; shared, never copied."""
+
+    name: str
+    family: str
+    bindings: dict[str, ModuleBinding]  # diffusers path -> binding
+    config: LycorisConfig | None = None
+    tlora: TLoraSchedule | None = None
+    report: str = ""
+    warnings: list[str] = field(default_factory=list)
+    metadata: dict[str, str] = field(default_factory=dict)
+    architecture: str | None = None  # the unet_config (JSON) it was bound against
+
+    def __deepcopy__(self, memo) -> LoadedAdapter:
+        return self
+
+    @property
+    def algos(self) -> list[str]:
+        return sorted({b.adapter.algo for b in self.bindings.values()})
+
+    def by_comfy_module(self) -> dict[str, list[ModuleBinding]]:
+        out: dict[str, list[ModuleBinding]] = {}
+        for binding in self.bindings.values():
+            out.setdefault(binding.route.comfy_module, []).append(binding)
+        return out
+
+    def application(self, strengths: tuple[float, ...]) -> Application:
+        return Application(self.name, self.by_comfy_module(), strengths, self.tlora)
+
+
+def bind(adapter_file: AdapterFile, unet_config: dict, strict: bool = False) -> LoadedAdapter:
+    """Resolve a read adapter file against a model's `unet_config`."""
+    profile = profile_for(unet_config)
+    routes = profile.routes(unet_config)
+    match = match_modules(adapter_file, routes)
+    if match.unmatched and strict:
+        raise AdapterMismatchError(f"{match.describe()} (strict is on)")
+    skeleton = skeleton_for(unet_config)
+    bindings, warnings = {}, list(adapter_file.warnings)
+    for lora_name, path in match.matched.items():
+        spec = LayerSpec.from_module(skeleton.get_submodule(path))
+        adapter = parse_module(lora_name, adapter_file.modules[lora_name], spec)
+        warnings += getattr(adapter, "warnings", [])
+        bindings[path] = ModuleBinding(path, adapter, routes[path])
+    if not bindings:
+        raise AdapterMismatchError(f"{match.describe()}: nothing in this file fits a {profile.display_name} model")
+    config = adapter_file.config
+    tlora = None
+    if any(b.adapter.algo == "tlora" for b in bindings.values()):
+        tlora = TLoraSchedule(config.tlora_min_rank, config.tlora_alpha) if config else TLoraSchedule()
+    name = Path(adapter_file.path).stem if adapter_file.path else "adapter"
+    return LoadedAdapter(name, profile.name, bindings, config, tlora, match.describe(),
+                         list(dict.fromkeys(warnings)), dict(adapter_file.metadata))
+
+
+def load(path: str | Path, unet_config: dict, strict: bool = False) -> LoadedAdapter:
+    return bind(read_adapter(path), unet_config, strict)

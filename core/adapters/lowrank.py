@@ -1,0 +1,176 @@
+"""LoRA / LoCon (`lora_up/down[/mid]`) and LoHa (`hada_*`), each optionally with DoRA (`dora_scale`).
+
+Scale = alpha / rank, applied once (LyCORIS's `get_diff_weight` applies it twice for LoHa; its
+rebuild forward applies it once, which is what is reproduced here). DoRA follows the rebuild
+forward: W' = weight_decompose(W + ΔW, dora_scale, strength), normalised by the merged weight's
+norm, so it is not linear in the strength (and strength 0 is W + ΔW renormalised, not W).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from lycoris.functional import locon, loha
+from lycoris.functional.general import weight_decompose
+
+from .base import (
+    KERNEL_BACKEND,
+    LayerSpec,
+    ModuleAdapter,
+    alpha_scale,
+    expect_shape,
+    fail,
+    require,
+)
+
+
+def dora_orientation(lora_name: str, params: dict[str, torch.Tensor], layer: LayerSpec) -> bool | None:
+    """wd_on_out (norm per output row: True, per input column: False) from dora_scale's shape; None without DoRA."""
+    scale = params.get("dora_scale")
+    if scale is None:
+        return None
+    out_row = (layer.out_features, 1, *layer.ones)
+    in_col = (1, layer.in_features, *layer.ones)
+    if tuple(scale.shape) == out_row:
+        return True
+    if tuple(scale.shape) == in_col:
+        return False
+    fail(lora_name, "dora_scale", f"expected shape {out_row} (or {in_col} for a per-input norm), "
+                                  f"got {tuple(scale.shape)}")
+
+
+class LowRankAdapter(ModuleAdapter):
+    """Shared by LoRA, LoHa and LoKr: ΔW(s) = s * ΔW(1), or the DoRA rebuild when dora_scale is saved."""
+
+    scale: float
+
+    def _init_dora(self) -> None:
+        self.wd_on_out = dora_orientation(self.lora_name, self.params, self.layer)
+        if self.wd_on_out is not None:
+            self.linear_in_strength = False
+            self.needs_base_weight = True
+
+    def _unit_delta_weight(self, like: torch.Tensor) -> torch.Tensor:
+        """ΔW at strength 1 (scale applied), in like's dtype and device, shaped as the layer weight."""
+        raise NotImplementedError
+
+    def _delta_weight(self, w32, strength, rank_mask):
+        dw = self._unit_delta_weight(w32)
+        if self.wd_on_out is None:
+            return dw * strength, None
+        merged = weight_decompose(w32 + dw, self._p32("dora_scale", w32), strength, self.wd_on_out,
+                                  backend=KERNEL_BACKEND)
+        return merged - w32, None
+
+
+class LoRAAdapter(LowRankAdapter):
+    algo = "lora"
+    KEYS = ("lora_up.weight", "lora_down.weight", "lora_mid.weight", "alpha", "dora_scale")
+
+    def __init__(self, lora_name: str, layer: LayerSpec, params: dict[str, torch.Tensor]):
+        super().__init__(lora_name, layer, params)
+        up = require(lora_name, self.params, "lora_up.weight")
+        down = require(lora_name, self.params, "lora_down.weight")
+        mid = self.params.get("lora_mid.weight")
+        if down.ndim < 2:
+            fail(lora_name, "lora_down.weight", f"expected a 2-d or conv weight, got shape {tuple(down.shape)}")
+        self.dim = int(down.shape[0])
+        self._check(up, down, mid)
+        self.scale = alpha_scale(lora_name, self.params, self.dim, self.warnings)
+        self._init_dora()
+
+    def _check(self, up, down, mid) -> None:
+        L, r, name = self.layer, self.dim, self.lora_name
+        if mid is not None:
+            if not L.is_conv or all(k == 1 for k in L.kernel_size):
+                fail(name, "lora_mid.weight", "a Tucker mid only exists for convs with a kernel larger than 1")
+            expect_shape(name, "lora_down.weight", down, (r, L.in_features, *L.ones))
+            expect_shape(name, "lora_mid.weight", mid, (r, r, *L.kernel_size))
+        else:
+            expect_shape(name, "lora_down.weight", down, (r, L.in_features, *L.kernel_size))
+        expect_shape(name, "lora_up.weight", up, (L.out_features, r, *L.ones))
+
+    def _factors(self, like):
+        return self._p("lora_down.weight", like), self._p("lora_up.weight", like), self._p("lora_mid.weight", like)
+
+    def _unit_delta_weight(self, like):
+        down, up, mid = self._factors(like)
+        dw = locon.diff_weight(down, up, mid, gamma=self.scale, backend=KERNEL_BACKEND)
+        return dw.reshape(self.layer.weight_shape)
+
+    def _delta_output(self, x, base_weight, rank_mask):
+        if self.layer.groups != 1:  # the rank-space chain cannot be grouped; go through ΔW
+            return self.layer.apply(x, self._unit_delta_weight(x))
+        down, up, mid = self._factors(x)
+        return locon.bypass_forward_diff(x, None, down, up, mid, gamma=self.scale,
+                                         extra_args=self.layer.conv_kwargs, backend=KERNEL_BACKEND)
+
+
+class LoHaAdapter(LowRankAdapter):
+    algo = "loha"
+    KEYS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "alpha", "dora_scale")
+
+    def __init__(self, lora_name: str, layer: LayerSpec, params: dict[str, torch.Tensor]):
+        super().__init__(lora_name, layer, params)
+        for key in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"):
+            require(lora_name, self.params, key)
+        w1b = self.params["hada_w1_b"]
+        if w1b.ndim != 2:
+            fail(lora_name, "hada_w1_b", f"expected a 2-d tensor, got shape {tuple(w1b.shape)}")
+        self.dim = int(w1b.shape[0])  # LyCORIS: lora_dim = w1b.size(0)
+        self.tucker = "hada_t1" in self.params or "hada_t2" in self.params
+        self._check()
+        self.scale = alpha_scale(lora_name, self.params, self.dim, self.warnings)
+        # HadaWeight saves its scale for backward, so it must be a tensor; a 0-d CPU tensor
+        # multiplies tensors on any device without a transfer or a sync.
+        self._gamma = torch.tensor(self.scale, dtype=torch.float32)
+        self._init_dora()
+
+    def _check(self) -> None:
+        L, r, name, p = self.layer, self.dim, self.lora_name, self.params
+        if self.tucker:
+            if not L.is_conv or all(k == 1 for k in L.kernel_size):
+                fail(name, "hada_t1", "Tucker factors only exist for convs with a kernel larger than 1")
+            for i in (1, 2):
+                expect_shape(name, f"hada_t{i}", require(name, p, f"hada_t{i}"), (r, r, *L.kernel_size))
+                expect_shape(name, f"hada_w{i}_a", p[f"hada_w{i}_a"], (r, L.out_features))
+                expect_shape(name, f"hada_w{i}_b", p[f"hada_w{i}_b"], (r, L.in_features))
+            return
+        flat_in = L.in_features * math.prod(L.kernel_size)
+        for i in (1, 2):
+            expect_shape(name, f"hada_w{i}_a", p[f"hada_w{i}_a"], (L.out_features, r))
+            expect_shape(name, f"hada_w{i}_b", p[f"hada_w{i}_b"], (r, flat_in))
+
+    def _factors(self, like):
+        keys = ("hada_w1_b", "hada_w1_a", "hada_w2_b", "hada_w2_a", "hada_t1", "hada_t2")
+        return tuple(self._p(k, like) for k in keys)  # LyCORIS order: (w1d, w1u, w2d, w2u, t1, t2)
+
+    def _unit_delta_weight(self, like):
+        dw = loha.diff_weight(*self._factors(like), gamma=self._gamma, backend=KERNEL_BACKEND)
+        return dw.reshape(self.layer.weight_shape)
+
+    def _khatri_rao(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """ΔW/scale = (w1a w1b) ⊙ (w2a w2b) = U V, U[:, i r + j] = w1a[:, i] w2a[:, j], V[i r + j] = w1b[i] w2b[j].
+
+        A rank-r² LoRA with the same ΔW. Building it costs r² (out + in) products, far less than the
+        matmuls it feeds, so it is rebuilt per call rather than cached (no memory kept).
+        """
+        w1a, w1b, w2a, w2b = (self._p(k, like) for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"))
+        r, L = self.dim, self.layer
+        up = (w1a[:, :, None] * w2a[:, None, :]).reshape(L.out_features, r * r, *L.ones)
+        down = (w1b[:, None, :] * w2b[None, :, :]).reshape(r * r, L.in_features, *L.kernel_size)
+        return up, down
+
+    def _delta_output(self, x, base_weight, rank_mask):
+        L = self.layer
+        flat_in = L.in_features * math.prod(L.kernel_size)
+        if not self.tucker and L.groups == 1 and self.dim**2 * (L.out_features + flat_in) < L.out_features * flat_in:
+            # Cheaper than LyCORIS's bypass (which builds ΔW every call): the same ΔW as a rank-r² chain.
+            up, down = self._khatri_rao(x)
+            return locon.bypass_forward_diff(x, None, down, up, None, gamma=self.scale, extra_args=L.conv_kwargs,
+                                             backend=KERNEL_BACKEND)
+        if L.is_conv:  # LyCORIS builds ΔW here too (its functional bypass assumes a linear op)
+            return L.apply(x, self._unit_delta_weight(x))
+        return loha.bypass_forward_diff(x, None, *self._factors(x), gamma=self._gamma, extra_args={},
+                                        backend=KERNEL_BACKEND)

@@ -1,0 +1,93 @@
+"""The pack's Python API, for scripts and other tools (the nodes call exactly these).
+
+    from <pack>.core import api
+    adapter = api.load_adapter("my_lokr.safetensors", model)      # model: a ComfyUI MODEL (ModelPatcher)
+    half = api.apply(model, adapter, 0.5)                          # bypass, base weights untouched
+    merged, warnings = api.merge(model, adapter, 1.0)              # exact ΔW through ComfyUI patches
+    api.save_adapter(adapter, "/path/to/loras", "copy_of_my_lokr")  # LyCORIS/SimpleTuner file
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from . import host
+from .adapter_file import adapter_metadata, next_free_name, resolve_in_folder, write_adapter
+from .adapter_set import AdapterMismatchError, LoadedAdapter, load
+from .merge import merge_patches
+
+
+def _architecture(model: Any) -> str:
+    return json.dumps(host.model_unet_config(model), sort_keys=True, default=str)
+
+
+def load_adapter(path: str | Path, model: Any, strict: bool = False) -> LoadedAdapter:
+    """Read an adapter file and bind it to `model`'s family and layers."""
+    adapter = load(path, host.model_unet_config(model), strict=strict)
+    adapter.architecture = _architecture(model)
+    return adapter
+
+
+def _check_fits(model: Any, adapter: LoadedAdapter) -> None:
+    architecture = getattr(adapter, "architecture", None)
+    if architecture is not None and architecture != _architecture(model):
+        raise AdapterMismatchError(
+            f"adapter '{adapter.name}' was loaded for another {adapter.family} architecture than this model; "
+            "load it against this model")
+
+
+def apply(model: Any, adapter: LoadedAdapter, strength: float) -> Any:
+    """A clone of `model` running `adapter` at `strength` (bypass)."""
+    return apply_sweep(model, adapter, (strength,))
+
+
+def apply_sweep(model: Any, adapter: LoadedAdapter, strengths: Sequence[float]) -> Any:
+    """A clone where latent sample i (of each CFG chunk) uses strengths[i % len(strengths)]."""
+    _check_fits(model, adapter)
+    return host.attach_application(model, adapter.application(tuple(float(s) for s in strengths)))
+
+
+def merge(model: Any, adapter: LoadedAdapter, strength: float, tlora_timestep: int | None = None
+          ) -> tuple[Any, list[str]]:
+    """A clone of `model` with strength x ΔW patched in (ComfyUI restores the base on unpatch)."""
+    _check_fits(model, adapter)
+    params = dict(model.model.diffusion_model.named_parameters())
+    patches, warnings = merge_patches(adapter, strength, lambda key: host.comfy_weight(model, key),
+                                      tlora_timestep, has_param=lambda key: key in params)
+    return host.merge_patches(model, patches), warnings
+
+
+def adapter_tensors(adapter: LoadedAdapter) -> dict:
+    """The adapter as a LyCORIS state dict: lycoris_<path>.<param> -> tensor."""
+    out = {}
+    for binding in adapter.bindings.values():
+        for param, tensor in binding.adapter.state_dict().items():
+            out[f"{binding.adapter.lora_name}.{param}"] = tensor.detach().to("cpu").contiguous()
+    return out
+
+
+def save_adapter(adapter: LoadedAdapter, folder: str | Path, name: str, overwrite: bool = False) -> Path:
+    """Write `adapter` as a LyCORIS/SimpleTuner .safetensors file inside `folder` (atomic).
+
+    An existing file is replaced only with `overwrite`; otherwise the next free `name_00001` is used.
+    """
+    if not overwrite and resolve_in_folder(folder, name).exists():
+        name = next_free_name(folder, name)
+    config_json = adapter.config.to_json() if adapter.config is not None else adapter.metadata.get("lycoris_config", "{}")
+    extra = {}
+    if adapter.tlora is not None:
+        extra.update(tlora_min_rank=adapter.tlora.min_rank, tlora_alpha=adapter.tlora.alpha)
+    metadata = adapter_metadata(config_json, adapter.family, ",".join(adapter.algos), extra)
+    return write_adapter(Path(folder), name, adapter_tensors(adapter), metadata, overwrite=overwrite)
+
+
+def describe(adapter: LoadedAdapter) -> str:
+    """Text for the Load node: what matched, algorithms, warnings."""
+    lines = [f"{adapter.name}: {adapter.report}", f"family {adapter.family}; algorithms: {', '.join(adapter.algos)}"]
+    if adapter.tlora is not None:
+        lines.append(f"T-LoRA: min rank {adapter.tlora.min_rank}, alpha {adapter.tlora.alpha:g}")
+    lines += [f"warning: {w}" for w in adapter.warnings]
+    return "\n".join(lines)

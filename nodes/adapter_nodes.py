@@ -1,0 +1,135 @@
+"""Load, Apply, Merge and Save LyCORIS adapters (SimpleTuner / LyCORIS files)."""
+
+from __future__ import annotations
+
+import folder_paths
+from comfy_api.latest import io, ui
+
+from ..core import api
+from .types import CATEGORY, LycorisAdapter
+
+STRENGTH = dict(default=1.0, min=-10.0, max=10.0, step=0.05)
+
+
+def _lora_files() -> list[str]:
+    return folder_paths.get_filename_list("loras")
+
+
+class LoadLycoris(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LycorisLoad",
+            display_name="Load LyCORIS",
+            category=CATEGORY,
+            description=(
+                "Loads a LyCORIS adapter file (as SimpleTuner / LyCORIS write them: lycoris_<diffusers path> keys) "
+                "from the loras folder and maps it onto this model's ComfyUI layers, fused q/k/v slices included. "
+                "Only .safetensors: pickle files can run code and are refused. Every LyCORIS algorithm is supported."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The Flux 2, Flux 1 or SDXL model the adapter was trained for."),
+                io.Combo.Input("lora_name", options=_lora_files(),
+                               tooltip="Adapter file in models/loras (.safetensors)."),
+                io.Boolean.Input("strict", default=False,
+                                 tooltip="Fail when any module of the file has no place in this model, "
+                                         "instead of listing it."),
+            ],
+            outputs=[LycorisAdapter.Output("adapter", display_name="adapter",
+                                           tooltip="The adapter, for Apply / A/B / Merge / Save.")],
+        )
+
+    @classmethod
+    def execute(cls, model, lora_name, strict) -> io.NodeOutput:
+        path = folder_paths.get_full_path_or_raise("loras", lora_name)
+        adapter = api.load_adapter(path, model, strict=strict)
+        return io.NodeOutput(adapter, ui=ui.PreviewText(api.describe(adapter)))
+
+
+class ApplyLycoris(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LycorisApply",
+            display_name="Apply LyCORIS",
+            category=CATEGORY,
+            description=(
+                "Adds an adapter to a model in bypass: the base weights are never written (fp8/fp16 bases work, "
+                "nothing is backed up), and changing the strength costs no weight work. DoRA, IA3 and OFT, whose "
+                "effect is not linear in strength, run through their exact weight delta instead. T-LoRA adapters "
+                "follow each sample's timestep. Several Apply nodes stack."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="Model to adapt; it is not changed (a new clone is returned)."),
+                LycorisAdapter.Input("adapter", tooltip="From Load LyCORIS or a training job."),
+                io.Float.Input("strength", **STRENGTH, tooltip="0 is the base model; 1 the adapter as trained."),
+            ],
+            outputs=[io.Model.Output(tooltip="The model with the adapter.")],
+        )
+
+    @classmethod
+    def execute(cls, model, adapter, strength) -> io.NodeOutput:
+        return io.NodeOutput(api.apply(model, adapter, strength))
+
+
+class MergeLycoris(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LycorisMerge",
+            display_name="Merge LyCORIS",
+            category=CATEGORY,
+            description=(
+                "Bakes strength x the adapter's exact weight delta (computed by this pack, not LyCORIS's merge_to, "
+                "which scales LoHa and decomposed LoKr twice) into the model through ComfyUI's patch mechanism: "
+                "unpatching restores the base bit for bit. T-LoRA merges at one timestep or with all ranks."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="Model to merge into (a patched clone is returned)."),
+                LycorisAdapter.Input("adapter", tooltip="From Load LyCORIS or a training job."),
+                io.Float.Input("strength", **STRENGTH, tooltip="Strength baked into the weights."),
+                io.Int.Input("tlora_timestep", default=-1, min=-1, max=1000,
+                             tooltip="T-LoRA only: timestep (0..1000) whose rank mask is merged; -1 = all ranks."),
+            ],
+            outputs=[io.Model.Output(tooltip="The merged model.")],
+        )
+
+    @classmethod
+    def execute(cls, model, adapter, strength, tlora_timestep) -> io.NodeOutput:
+        merged, warnings = api.merge(model, adapter, strength, None if tlora_timestep < 0 else tlora_timestep)
+        return io.NodeOutput(merged, ui=ui.PreviewText("\n".join(warnings) or "merged"))
+
+
+class SaveLycoris(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LycorisSave",
+            display_name="Save LyCORIS",
+            category=CATEGORY,
+            description=(
+                "Writes an adapter as a LyCORIS/SimpleTuner .safetensors file (with lycoris_config metadata) into "
+                "models/loras or the output folder. Written to a temporary file then renamed, so an existing file is "
+                "never left half-written; existing files are kept unless overwrite is on."
+            ),
+            inputs=[
+                LycorisAdapter.Input("adapter", tooltip="The adapter to write."),
+                io.String.Input("filename", default="lycoris/adapter",
+                                tooltip="Name inside the folder (subfolders allowed, no '..'); .safetensors is added."),
+                io.Combo.Input("folder", options=["loras", "output"], default="loras",
+                               tooltip="models/loras (ready for Load LyCORIS) or ComfyUI's output folder."),
+                io.Boolean.Input("overwrite", default=False,
+                                 tooltip="Replace a file of the same name; off: a numbered name is used instead."),
+            ],
+            outputs=[io.String.Output("path", display_name="path", tooltip="Where the file was written.")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, adapter, filename, folder, overwrite) -> io.NodeOutput:
+        root = folder_paths.get_folder_paths("loras")[0] if folder == "loras" else folder_paths.get_output_directory()
+        path = api.save_adapter(adapter, root, filename, overwrite=overwrite)
+        return io.NodeOutput(str(path), ui=ui.PreviewText(f"saved {path}"))
+
+
+NODES = [LoadLycoris, ApplyLycoris, MergeLycoris, SaveLycoris]
