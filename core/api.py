@@ -17,11 +17,14 @@ from typing import Any
 from . import host
 from .adapter_file import adapter_metadata, next_free_name, resolve_in_folder, write_adapter
 from .adapter_set import AdapterMismatchError, LoadedAdapter, load
+from .families import profile_for
 from .merge import merge_patches
 
 
 def _architecture(model: Any) -> str:
-    return json.dumps(host.model_unet_config(model), sort_keys=True, default=str)
+    """What decides layer names and shapes (the diffusers config), not dtypes or device settings."""
+    unet_config = host.model_unet_config(model)
+    return json.dumps(profile_for(unet_config).diffusers_config(unet_config), sort_keys=True, default=str)
 
 
 def load_adapter(path: str | Path, model: Any, strict: bool = False) -> LoadedAdapter:

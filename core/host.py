@@ -23,17 +23,19 @@ def comfyui_version() -> str:
     return comfyui_version.__version__
 
 
-def build_tiny_model(sizes: TinySizes, dtype: torch.dtype = torch.float32) -> Any:
+def build_tiny_model(sizes: TinySizes, dtype: torch.dtype = torch.float32,
+                     compute_dtype: torch.dtype | None = None) -> Any:
     """A tiny seeded model of `sizes.family` as a ComfyUI ModelPatcher (a `MODEL`).
 
     Built through `comfy.supported_models` directly: model detection cannot load small models.
+    `compute_dtype` makes ComfyUI cast weights stored as `dtype` (e.g. fp8) at run time.
     """
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.supported_models
 
     config = getattr(comfy.supported_models, _SUPPORTED_CLASS[sizes.family])(unet_config(sizes))
-    config.set_inference_dtype(dtype, None)
+    config.set_inference_dtype(dtype, compute_dtype)
     model = config.get_model({})
     seed_parameters(model.diffusion_model, sizes.seed)
     model.diffusion_model.to(dtype)
