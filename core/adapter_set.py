@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +30,7 @@ class LoadedAdapter:
     report: str = ""
     warnings: list[str] = field(default_factory=list)
     metadata: dict[str, str] = field(default_factory=dict)
-    architecture: str | None = None  # the unet_config (JSON) it was bound against
+    architecture: str | None = None  # architecture_key() of the model it was bound against
 
     def __deepcopy__(self, memo) -> LoadedAdapter:
         return self
@@ -46,6 +47,11 @@ class LoadedAdapter:
 
     def application(self, strengths: tuple[float, ...]) -> Application:
         return Application(self.name, self.by_comfy_module(), strengths, self.tlora)
+
+
+def architecture_key(unet_config: dict) -> str:
+    """What decides layer names and shapes (the diffusers config), not dtypes or device settings."""
+    return json.dumps(profile_for(unet_config).diffusers_config(unet_config), sort_keys=True, default=str)
 
 
 def bind(adapter_file: AdapterFile, unet_config: dict, strict: bool = False) -> LoadedAdapter:
@@ -70,7 +76,7 @@ def bind(adapter_file: AdapterFile, unet_config: dict, strict: bool = False) -> 
         tlora = TLoraSchedule(config.tlora_min_rank, config.tlora_alpha) if config else TLoraSchedule()
     name = Path(adapter_file.path).stem if adapter_file.path else "adapter"
     return LoadedAdapter(name, profile.name, bindings, config, tlora, match.describe(),
-                         list(dict.fromkeys(warnings)), dict(adapter_file.metadata))
+                         list(dict.fromkeys(warnings)), dict(adapter_file.metadata), architecture_key(unet_config))
 
 
 def load(path: str | Path, unet_config: dict, strict: bool = False) -> LoadedAdapter:

@@ -9,34 +9,24 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from . import host
 from .adapter_file import adapter_metadata, next_free_name, resolve_in_folder, write_adapter
-from .adapter_set import AdapterMismatchError, LoadedAdapter, load
-from .families import profile_for
+from .adapter_set import AdapterMismatchError, LoadedAdapter, architecture_key, load
 from .merge import merge_patches
-
-
-def _architecture(model: Any) -> str:
-    """What decides layer names and shapes (the diffusers config), not dtypes or device settings."""
-    unet_config = host.model_unet_config(model)
-    return json.dumps(profile_for(unet_config).diffusers_config(unet_config), sort_keys=True, default=str)
 
 
 def load_adapter(path: str | Path, model: Any, strict: bool = False) -> LoadedAdapter:
     """Read an adapter file and bind it to `model`'s family and layers."""
-    adapter = load(path, host.model_unet_config(model), strict=strict)
-    adapter.architecture = _architecture(model)
-    return adapter
+    return load(path, host.model_unet_config(model), strict=strict)
 
 
 def _check_fits(model: Any, adapter: LoadedAdapter) -> None:
     architecture = getattr(adapter, "architecture", None)
-    if architecture is not None and architecture != _architecture(model):
+    if architecture is not None and architecture != architecture_key(host.model_unet_config(model)):
         raise AdapterMismatchError(
             f"adapter '{adapter.name}' was loaded for another {adapter.family} architecture than this model; "
             "load it against this model")

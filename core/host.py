@@ -172,3 +172,37 @@ def comfy_weight(model: Any, key: str) -> torch.Tensor:
     backup = model.backup.get(f"diffusion_model.{key}")
     weight = backup.weight if backup is not None else model.model.diffusion_model.get_parameter(key)
     return weight.detach().to("cpu", torch.float32)
+
+
+def prepare_for_training(model: Any) -> torch.device:
+    """Have ComfyUI load `model` on its device (after a prompt may have offloaded it); return the device."""
+    import comfy.model_management as mm
+
+    mm.load_models_gpu([model])
+    return torch.device(model.load_device)
+
+
+def latent_layout(model: Any) -> tuple[int, int]:
+    """(channels, pixels per latent cell) of a MODEL's LATENTs, from its latent format."""
+    latent_format = model.model.latent_format
+    default = 16 if model_family(model) == "flux2" else 8  # 0.3.75 formats do not say; Flux 2 packs 2x2
+    return latent_format.latent_channels, getattr(latent_format, "spacial_downscale_ratio", default)
+
+
+def detach_from_inference_mode(model: Any) -> None:
+    """Give the diffusion model's inference-mode weights normal storage (same values), once.
+
+    ComfyUI runs nodes under `torch.inference_mode()`, so a model built or loaded in a node has
+    inference tensors, which autograd refuses to save for backward; training through the frozen
+    base needs normal tensors. Values (and so sampling results) are unchanged.
+    """
+    with torch.inference_mode(False), torch.no_grad():
+        for module in model.model.diffusion_model.modules():
+            for name, param in list(module._parameters.items()):
+                # A new Parameter: one created in inference mode has no version counter even
+                # after its .data is replaced.
+                if param is not None and param.is_inference():
+                    module._parameters[name] = torch.nn.Parameter(param.clone(), requires_grad=param.requires_grad)
+            for name, buffer in list(module._buffers.items()):
+                if buffer is not None and buffer.is_inference():
+                    module._buffers[name] = buffer.clone()

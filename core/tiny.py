@@ -134,3 +134,21 @@ def text_embedding(text: str, tokens: int, dim: int, pooled_dim: int) -> tuple[t
     gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
     pooled = torch.randn(1, pooled_dim, generator=gen)
     return cond, pooled
+
+
+def pattern_latents(channels: int, height: int, width: int, count: int, seed: int = 0) -> torch.Tensor:
+    """`count` smooth, structured latents [count, C, H, W] (sums of low-frequency waves), seeded.
+
+    A stand-in for encoded training images: unlike noise they have structure a small adapter
+    can learn, so a tiny training run shows its loss fall and its samples move toward the data.
+    """
+    gen = torch.Generator().manual_seed(int(seed))
+    ys = torch.linspace(0, 1, height).view(1, 1, height, 1)
+    xs = torch.linspace(0, 1, width).view(1, 1, 1, width)
+    out = torch.zeros(count, channels, height, width)
+    for _ in range(3):
+        fy, fx = torch.randint(1, 3, (2, count, channels, 1, 1), generator=gen).float()
+        phase = torch.rand(count, channels, 1, 1, generator=gen) * 6.283
+        amp = torch.randn(count, channels, 1, 1, generator=gen)
+        out += amp * torch.sin(6.283 * (fy * ys + fx * xs) + phase)
+    return out / 3**0.5

@@ -1,11 +1,12 @@
 """Collects the pack's node classes into ComfyUI's mappings."""
 
-from . import ab_nodes, adapter_nodes, config_nodes, dev_models, tlora_visualizer
+from . import ab_nodes, adapter_nodes, config_nodes, dev_models, tlora_visualizer, train_nodes, web_routes  # noqa: F401
 
 NODE_CLASSES = [
     *config_nodes.NODES,
     *adapter_nodes.NODES,
     *ab_nodes.NODES,
+    *train_nodes.NODES,
     *tlora_visualizer.NODES,
     *dev_models.NODES,
 ]

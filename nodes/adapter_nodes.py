@@ -62,7 +62,7 @@ class ApplyLycoris(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="Model to adapt; it is not changed (a new clone is returned)."),
                 LycorisAdapter.Input("adapter", tooltip="From Load LyCORIS or a training job."),
-                io.Float.Input("strength", **STRENGTH, tooltip="0 is the base model; 1 the adapter as trained."),
+                io.Float.Input("strength", **STRENGTH, display_mode=io.NumberDisplay.slider, tooltip="0 is the base model; 1 the adapter as trained."),
             ],
             outputs=[io.Model.Output(tooltip="The model with the adapter.")],
         )

@@ -6,7 +6,7 @@ import torch
 from comfy_api.latest import io
 
 from ..core import host
-from ..core.tiny import FAMILIES, TinyModelError, TinySizes
+from ..core.tiny import FAMILIES, TinyModelError, TinySizes, pattern_latents
 from .types import DEV_CATEGORY
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -82,4 +82,31 @@ class TinyTextEncode(io.ComfyNode):
         return io.NodeOutput(host.tiny_conditioning(model, text, tokens))
 
 
-NODES = [TinyModel, TinyTextEncode]
+class TinyLatents(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LycorisTinyLatents",
+            display_name="Tiny Training Latents (LyCORIS dev)",
+            category=DEV_CATEGORY,
+            description=(
+                "Seeded, smooth, structured latents shaped for the model's latent space: a stand-in for VAE-encoded "
+                "training images, so the pack's training can be tried with no VAE or images."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The model the latents are for (its latent channels are read from it)."),
+                io.Int.Input("width", default=64, min=16, max=2048, step=16, tooltip="Image width in pixels."),
+                io.Int.Input("height", default=64, min=16, max=2048, step=16, tooltip="Image height in pixels."),
+                io.Int.Input("count", default=2, min=1, max=64, tooltip="Number of training items."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of the patterns."),
+            ],
+            outputs=[io.Latent.Output(tooltip="The latents (a batch).")],
+        )
+
+    @classmethod
+    def execute(cls, model, width, height, count, seed) -> io.NodeOutput:
+        channels, down = host.latent_layout(model)
+        return io.NodeOutput({"samples": pattern_latents(channels, height // down, width // down, count, seed)})
+
+
+NODES = [TinyModel, TinyTextEncode, TinyLatents]

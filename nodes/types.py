@@ -5,6 +5,8 @@ from comfy_api.latest import io
 LycorisConfig = io.Custom("LYCORIS_CONFIG")
 LycorisAdapter = io.Custom("LYCORIS_ADAPTER")
 LycorisJob = io.Custom("LYCORIS_JOB")
+LycorisDataset = io.Custom("LYCORIS_DATASET")
+TRAIN_CATEGORY = "LyCORIS/train"
 
 CATEGORY = "LyCORIS"
 DEV_CATEGORY = "LyCORIS/dev"

@@ -105,6 +105,18 @@ if [ -z "${COMFYUI_PATH:-}" ]; then
   ln -sfn "$ROOT" "$COMFY/custom_nodes/$PACK_LINK_NAME"
 fi
 
+# 6. Chromium for the browser tests (tests/browser): Debian's package, driven by playwright from
+#    the lock (no browser download). Without root or apt the browser tests skip, saying why.
+if [ ! -x /usr/bin/chromium ]; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    echo "setup: installing chromium (apt) for the browser tests"
+    run chromium-apt-update apt-get update
+    run chromium env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium
+  else
+    echo "setup: note: /usr/bin/chromium missing and apt-get as root unavailable; browser tests will be skipped"
+  fi
+fi
+
 echo "$COMFY" > "$CACHE/comfyui-path"
 version=$(sed -n 's/^__version__ = "\(.*\)"/\1/p' "$COMFY/comfyui_version.py" 2>/dev/null)
 echo "setup: ok (ComfyUI ${version:-unknown} at $COMFY)"

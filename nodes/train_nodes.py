@@ -1,0 +1,181 @@
+"""Training nodes: a dataset from latents + conditioning, Train LyCORIS (submits a background job),
+and LyCORIS Job (wait for it, or take its latest checkpoint)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import folder_paths
+from comfy_api.latest import io, ui
+
+from ..core.config import ConfigError, parse_config
+from ..core.loss_plot import loss_curve
+from ..trainer.data import DatasetError, from_latent_batch
+from ..trainer.jobs import ACTIVE
+from ..trainer.loop import Folders, run_training
+from ..trainer.spec import DTYPES, NAN_POLICIES, OPTIMIZERS, SCHEDULES, JobSpec, SpecError
+from . import job_service
+from .types import TRAIN_CATEGORY, LycorisAdapter, LycorisConfig, LycorisDataset, LycorisJob
+
+job_service.register_routes()
+
+
+class LatentDataset(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LycorisLatentDataset",
+            display_name="LyCORIS Dataset (latents)",
+            category=TRAIN_CATEGORY,
+            description="A training set from a LATENT batch (e.g. VAE Encode of your images) and its conditioning "
+                        "(one CONDITIONING for every item). Items of different sizes train in separate batches.",
+            inputs=[
+                io.Latent.Input("latents", tooltip="The training images as latents (a batch)."),
+                io.Conditioning.Input("conditioning", tooltip="The caption's conditioning, used for every item."),
+                io.Int.Input("repeats", default=1, min=1, max=1000, tooltip="How often each item appears per epoch."),
+                io.Float.Input("caption_dropout", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Probability of training an item on the empty conditioning instead."),
+                io.Conditioning.Input("empty_conditioning", optional=True,
+                                      tooltip="The empty caption's conditioning, needed when caption_dropout > 0."),
+            ],
+            outputs=[LycorisDataset.Output("dataset", display_name="dataset", tooltip="For Train LyCORIS.")],
+        )
+
+    @classmethod
+    def execute(cls, latents, conditioning, repeats, caption_dropout, empty_conditioning=None) -> io.NodeOutput:
+        if caption_dropout > 0 and empty_conditioning is None:
+            raise ValueError("caption_dropout: connect empty_conditioning (the empty caption) to use dropout")
+        try:
+            data = from_latent_batch(latents, conditioning, repeats, caption_dropout, empty_conditioning)
+        except DatasetError as err:
+            raise ValueError(str(err)) from None
+        return io.NodeOutput(data, ui=ui.PreviewText(f"{len(data)} items, {len(data.buckets())} size bucket(s)"))
+
+
+def _job_folder(output_name: str, resume: bool) -> Path:
+    """output/lycoris_jobs/<name>: reused to resume, otherwise a fresh numbered folder."""
+    root = Path(folder_paths.get_output_directory()) / "lycoris_jobs"
+    folder = root / output_name
+    if resume or not folder.exists() or not any(folder.iterdir()):
+        return folder
+    n = 1
+    while (root / f"{output_name}_{n:05d}").exists():
+        n += 1
+    return root / f"{output_name}_{n:05d}"
+
+
+class TrainLycoris(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LycorisTrain",
+            display_name="Train LyCORIS",
+            category=TRAIN_CATEGORY,
+            description=(
+                "Submits a training job and returns at once: the job trains in the background while the queue "
+                "stays free (it pauses while a prompt runs). Checkpoints are written atomically every save_every "
+                "steps and on cancel; resume continues from the latest. Objective per family: rectified flow for "
+                "Flux / Flux 2, epsilon (or v) for SDXL; T-LoRA masks from each sample's timestep."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The base model (not modified)."),
+                LycorisDataset.Input("dataset", tooltip="From LyCORIS Dataset."),
+                LycorisConfig.Input("config", tooltip="From LyCORIS Config: algorithm and targets."),
+                io.Int.Input("steps", default=200, min=1, max=1_000_000, tooltip="Optimizer steps."),
+                io.Int.Input("batch_size", default=1, min=1, max=256, tooltip="Items per micro-batch."),
+                io.Int.Input("grad_accumulation", default=1, min=1, max=256, tooltip="Micro-batches per step."),
+                io.Float.Input("learning_rate", default=1e-3, min=1e-7, max=1.0, step=1e-5, round=1e-7,
+                               tooltip="Peak learning rate."),
+                io.Combo.Input("lr_schedule", options=list(SCHEDULES), default="constant",
+                               tooltip="Learning-rate schedule after warmup."),
+                io.Int.Input("warmup_steps", default=0, min=0, max=100_000, tooltip="Linear warmup steps."),
+                io.Combo.Input("optimizer", options=list(OPTIMIZERS), default="adamw",
+                               tooltip="adamw8bit needs bitsandbytes, prodigy needs prodigyopt."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of init, noise and data order."),
+                io.Combo.Input("dtype", options=list(DTYPES), default="float32",
+                               tooltip="dtype of the trained adapter tensors."),
+                io.Boolean.Input("gradient_checkpointing", default=True,
+                                 tooltip="Recompute blocks in backward: less memory (required for Flux blocks)."),
+                io.Int.Input("save_every", default=50, min=1, max=100_000, tooltip="Checkpoint interval in steps."),
+                io.Int.Input("keep_last", default=3, min=1, max=1000, tooltip="Checkpoints kept."),
+                io.Combo.Input("nan_policy", options=list(NAN_POLICIES), default="stop",
+                               tooltip="On a non-finite loss: stop (keeping the last good checkpoint) or skip the step."),
+                io.String.Input("output_name", default="lycoris/trained",
+                                tooltip="Adapter file name in models/loras (and the checkpoint folder name)."),
+                io.Boolean.Input("resume", default=False,
+                                 tooltip="Continue from the latest checkpoint of output_name's job folder."),
+            ],
+            outputs=[LycorisJob.Output("job", display_name="job", tooltip="For LyCORIS Job.")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, model, dataset, config, steps, batch_size, grad_accumulation, learning_rate, lr_schedule,
+                warmup_steps, optimizer, seed, dtype, gradient_checkpointing, save_every, keep_last, nan_policy,
+                output_name, resume) -> io.NodeOutput:
+        try:
+            parse_config(config.to_json())
+            spec = JobSpec(config.to_json(), steps, batch_size, grad_accumulation, learning_rate, lr_schedule,
+                           warmup_steps, optimizer, seed=seed, dtype=dtype, gradient_checkpointing=gradient_checkpointing,
+                           save_every=save_every, keep_last=keep_last, nan_policy=nan_policy, output_name=output_name)
+        except (SpecError, ConfigError) as err:
+            raise ValueError(f"Train LyCORIS: {err}") from None
+        folders = Folders(_job_folder(output_name, resume), Path(folder_paths.get_folder_paths("loras")[0]))
+        job = job_service.queue().submit(spec, lambda job, control: run_training(job, control, model, dataset,
+                                                                                 folders), name=output_name)
+        return io.NodeOutput(job, ui={"job_id": [job.id], "text": [f"job {job.id} submitted: {steps} steps"]})
+
+
+class LycorisJobNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LycorisJob",
+            display_name="LyCORIS Job",
+            category=TRAIN_CATEGORY,
+            description="A training job's adapter and loss curve: wait for the job to finish (Cancel stops the "
+                        "wait, not the job), or take its latest checkpoint now.",
+            inputs=[
+                LycorisJob.Input("job", tooltip="From Train LyCORIS."),
+                io.Boolean.Input("wait", default=False,
+                                 tooltip="Wait until the job ends; off: use the latest checkpoint right away."),
+            ],
+            outputs=[
+                LycorisAdapter.Output("adapter", display_name="adapter", tooltip="The trained (or latest) adapter."),
+                io.Image.Output("loss", display_name="loss curve", tooltip="Raw and smoothed loss so far."),
+            ],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, job, wait):
+        return (job.id, wait) if wait else (job.id, job.checkpoint, job.state)
+
+    @classmethod
+    def execute(cls, job, wait) -> io.NodeOutput:
+        if wait:
+            _wait(job)
+        elif job.adapter is None:
+            _wait(job, until_checkpoint=True)
+        if job.adapter is None:
+            raise ValueError(f"LyCORIS Job {job.id}: {job.state}, no checkpoint to use ({job.message})")
+        text = f"job {job.id}: {job.state}, step {job.step}/{job.spec.steps}. {job.message}".strip()
+        return io.NodeOutput(job.adapter, loss_curve(job.losses, title=f"loss: {job.name}"),
+                             ui={"job_id": [job.id], "text": [text]})
+
+
+def _wait(job, until_checkpoint: bool = False) -> None:
+    """Block this prompt (not the trainer) until the job ends or has a checkpoint; Cancel interrupts."""
+    import comfy.model_management as mm
+    from comfy.utils import ProgressBar
+
+    bar = ProgressBar(job.spec.steps)
+    with job_service.waiting_for_job():
+        while job.state in ACTIVE and not (until_checkpoint and job.adapter is not None):
+            mm.throw_exception_if_processing_interrupted()
+            bar.update_absolute(job.step, job.spec.steps)
+            time.sleep(0.1)
+
+
+NODES = [LatentDataset, TrainLycoris, LycorisJobNode]

@@ -1,0 +1,90 @@
+"""HTTP routes for the pack's web widgets: the numbers come from the core, the browser only draws them.
+
+`GET /lycoris/tlora/mask?rank=64&min_rank=1&alpha=1.0&alphas=0.5,2[&step=10]` answers
+`{"rank", "min_rank", "alphas", "timesteps", "curves": {"1.0": [r(t), ...], "0.5": [...]}}` with
+r(t) from `core.tlora.active_ranks`, the pack's one copy of the schedule; bad parameters answer
+HTTP 400 `{"error": "<field>: <message>"}`. ComfyUI also serves every route under `/api`.
+
+Routes are registered when this module is imported inside a running ComfyUI (PromptServer exists
+before custom nodes load). Imported anywhere else (unit tests) it registers nothing.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+
+from ..core.mask_plot import check_alphas
+from ..core.tlora import T_MAX, active_ranks, check_params
+
+MASK_ROUTE = "/lycoris/tlora/mask"
+DEFAULT_STEP = 10
+
+
+def _number(query: Mapping[str, str], field: str, kind: type, default=None):
+    text = query.get(field)
+    if text is None or text.strip() == "":
+        if default is None:
+            raise ValueError(f"{field}: is required")
+        return default
+    try:
+        return kind(text.strip())
+    except ValueError:
+        raise ValueError(f"{field}: '{text}' is not {'an integer' if kind is int else 'a number'}") from None
+
+
+def _alphas(alpha: float, text: str) -> list[float]:
+    extras = []
+    for token in text.replace(",", " ").split():
+        try:
+            extras.append(float(token))
+        except ValueError:
+            raise ValueError(f"alphas: '{token}' is not a number") from None
+    try:
+        return check_alphas([alpha, *extras])
+    except ValueError as err:
+        raise ValueError(f"alphas: {str(err).split(': ', 1)[-1]}") from None
+
+
+def mask_curves(query: Mapping[str, str]) -> dict:
+    """The answer of the mask route for its query parameters; ValueError naming the field."""
+    rank = _number(query, "rank", int)
+    min_rank = _number(query, "min_rank", int)
+    alpha = _number(query, "alpha", float)
+    step = _number(query, "step", int, DEFAULT_STEP)
+    if not 1 <= step <= T_MAX:
+        raise ValueError(f"step: must be between 1 and {T_MAX}, got {step}")
+    alphas = _alphas(alpha, query.get("alphas", ""))
+    for a in alphas:
+        check_params(rank, min_rank, a)
+    timesteps = list(range(0, T_MAX, step)) + [T_MAX]
+    return {
+        "rank": rank,
+        "min_rank": min_rank,
+        "alphas": alphas,
+        "timesteps": timesteps,
+        "curves": {repr(a): active_ranks(timesteps, rank, min_rank, a).tolist() for a in alphas},
+    }
+
+
+async def tlora_mask(request):
+    from aiohttp import web
+
+    try:
+        body = mask_curves(request.rel_url.query)
+    except ValueError as err:
+        return web.json_response({"error": str(err)}, status=400)
+    return web.json_response(body)
+
+
+def register() -> bool:
+    """Adds the routes to the running ComfyUI server; False (and nothing done) outside one."""
+    server = sys.modules.get("server")  # ComfyUI's main.py imports it before loading custom nodes
+    instance = getattr(getattr(server, "PromptServer", None), "instance", None)
+    if instance is None:
+        return False
+    instance.routes.get(MASK_ROUTE)(tlora_mask)
+    return True
+
+
+REGISTERED = register()

@@ -1,0 +1,102 @@
+"""Training through the live server: the prompt returns at once, sampling with the live checkpoint
+runs during training, the server stays responsive, routes report and cancel jobs."""
+
+import time
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+TINY = {"family": "flux2", "width": 64, "heads": 2, "depth": 1, "single_depth": 1, "context_dim": 32,
+        "seed": 5, "dtype": "float32"}
+
+
+def train_prompt(steps: int, output_name: str, save_every: int = 5) -> dict:
+    return {
+        "model": {"class_type": "LycorisTinyModel", "inputs": TINY},
+        "latents": {"class_type": "LycorisTinyLatents", "inputs": {"model": ["model", 0], "width": 64, "height": 64,
+                                                                    "count": 2, "seed": 1}},
+        "cond": {"class_type": "LycorisTinyTextEncode", "inputs": {"model": ["model", 0], "text": "a cat", "tokens": 4}},
+        "data": {"class_type": "LycorisLatentDataset", "inputs": {"latents": ["latents", 0], "conditioning": ["cond", 0],
+                                                                   "repeats": 1, "caption_dropout": 0.0}},
+        "config": {"class_type": "LycorisConfig", "inputs": {"preset": "flux2_lokr", "config_json": ""}},
+        "train": {"class_type": "LycorisTrain", "inputs": {
+            "model": ["model", 0], "dataset": ["data", 0], "config": ["config", 0], "steps": steps, "batch_size": 2,
+            "grad_accumulation": 1, "learning_rate": 3e-3, "lr_schedule": "constant", "warmup_steps": 0,
+            "optimizer": "adamw", "seed": 0, "dtype": "float32", "gradient_checkpointing": True,
+            "save_every": save_every, "keep_last": 2, "nan_policy": "stop", "output_name": output_name,
+            "resume": False}},
+    }
+
+
+def sample_prompt(train: dict, prefix: str) -> dict:
+    prompt = dict(train)
+    prompt.update({
+        "job": {"class_type": "LycorisJob", "inputs": {"job": ["train", 0], "wait": False}},
+        "apply": {"class_type": "LycorisApply", "inputs": {"model": ["model", 0], "adapter": ["job", 0], "strength": 1.0}},
+        "neg": {"class_type": "LycorisTinyTextEncode", "inputs": {"model": ["model", 0], "text": "", "tokens": 4}},
+        "empty": {"class_type": "EmptyFlux2LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "sample": {"class_type": "KSampler", "inputs": {
+            "model": ["apply", 0], "positive": ["cond", 0], "negative": ["neg", 0], "latent_image": ["empty", 0],
+            "seed": 1, "steps": 2, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}},
+        "save": {"class_type": "SaveLatent", "inputs": {"samples": ["sample", 0], "filename_prefix": prefix}},
+    })
+    return prompt
+
+
+def job_of(server, outputs) -> dict:
+    job_id = outputs["train"]["job_id"][0]
+    return server.get(f"/lycoris/jobs/{job_id}")
+
+
+def wait_for(server, job_id, predicate, timeout=300):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = server.get(f"/lycoris/jobs/{job_id}")
+        if predicate(job):
+            return job
+        if job["state"] in ("failed", "stopped"):
+            raise AssertionError(f"job {job_id} {job['state']}: {job['message']}")
+        time.sleep(0.2)
+    raise TimeoutError(f"job {job_id}: {job}")
+
+
+def test_training_runs_in_the_background(comfy_server):
+    prompt = train_prompt(steps=60, output_name="bg/run")
+    started = time.monotonic()
+    outputs = comfy_server.run(prompt)
+    assert time.monotonic() - started < 30, "the training prompt returns while the job runs"
+    job = job_of(comfy_server, outputs)
+    assert job["state"] in ("queued", "running", "waiting") and job["step"] < 60
+    job = wait_for(comfy_server, job["id"], lambda j: j["checkpoint"] is not None)
+    sampled = comfy_server.run(sample_prompt(prompt, "during"))
+    assert sampled["save"]["latents"], "sampling with the live checkpoint completed"
+    during = comfy_server.get(f"/lycoris/jobs/{job['id']}")
+    assert during["state"] in ("running", "waiting") and during["step"] < 60, "…while the job was still training"
+    slowest = 0.0
+    while during["state"] in ("running", "waiting", "queued"):
+        t = time.monotonic()
+        comfy_server.get("/system_stats")
+        slowest = max(slowest, time.monotonic() - t)
+        during = comfy_server.get(f"/lycoris/jobs/{job['id']}")
+        time.sleep(0.2)
+    assert slowest < 0.5, f"/system_stats took {slowest:.2f}s during training"
+    assert during["state"] == "done", during["message"]
+    losses = [loss for _, loss in during["losses"]]
+    tenth = max(1, len(losses) // 10)
+    assert sum(losses[-tenth:]) / tenth < sum(losses[:tenth]) / tenth, "the loss falls"
+    assert any(j["id"] == job["id"] for j in comfy_server.get("/lycoris/jobs")["jobs"])
+
+
+def test_cancel_route_and_bad_ids(comfy_server):
+    outputs = comfy_server.run(train_prompt(steps=100000, output_name="bg/cancel"))
+    job = job_of(comfy_server, outputs)
+    wait_for(comfy_server, job["id"], lambda j: j["step"] >= 2)
+    comfy_server.post(f"/lycoris/jobs/{job['id']}/cancel", {})
+    job = wait_for(comfy_server, job["id"], lambda j: j["state"] not in ("queued", "running", "waiting"))
+    assert job["state"] == "cancelled" and job["checkpoint"]
+    import urllib.error
+    for bad, status in (("../../etc", 404), ("zzzzzzzzzzzz", 400), ("0123456789ab", 404)):
+        with pytest.raises(urllib.error.HTTPError) as err:
+            comfy_server.get(f"/lycoris/jobs/{bad}")
+        assert err.value.code in (status, 404)

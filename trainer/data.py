@@ -1,0 +1,81 @@
+"""Training sets built in the graph: cached latents + conditioning, aspect buckets, repeats, dropout.
+
+Items are kept as ComfyUI gives them (a VAE latent and a CONDITIONING per item); the loop turns
+them into model inputs once, with the model's own `process_latent_in` / `extra_conds`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+class DatasetError(ValueError):
+    """An unusable dataset; the message names the item."""
+
+
+@dataclass(eq=False)
+class TrainingSet:
+    latents: list[torch.Tensor]  # one [C, H, W] VAE latent per item
+    conditionings: list[list]  # one ComfyUI CONDITIONING per item
+    repeats: int = 1
+    caption_dropout: float = 0.0  # probability of training an item on the empty conditioning
+    empty_conditioning: list | None = None
+    captions: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.latents:
+            raise DatasetError("dataset: no items")
+        if len(self.conditionings) not in (1, len(self.latents)):
+            raise DatasetError(f"dataset: {len(self.latents)} latents but {len(self.conditionings)} conditionings "
+                               "(give one for all, or one per latent)")
+        for i, latent in enumerate(self.latents):
+            if latent.ndim != 3 or not torch.isfinite(latent).all():
+                raise DatasetError(f"dataset item {i}: latent must be a finite [C, H, W] tensor, "
+                                   f"got shape {tuple(latent.shape)}")
+        if not 0 <= self.caption_dropout <= 1:
+            raise DatasetError(f"caption_dropout: must be between 0 and 1, got {self.caption_dropout}")
+        if self.repeats < 1:
+            raise DatasetError(f"repeats: must be at least 1, got {self.repeats}")
+
+    def __len__(self) -> int:
+        return len(self.latents)
+
+    def conditioning(self, index: int) -> list:
+        return self.conditionings[0] if len(self.conditionings) == 1 else self.conditionings[index]
+
+    def buckets(self) -> dict[tuple[int, ...], list[int]]:
+        """Items grouped by latent shape: a batch never mixes aspect ratios."""
+        out: dict[tuple[int, ...], list[int]] = {}
+        for i, latent in enumerate(self.latents):
+            out.setdefault(tuple(latent.shape), []).append(i)
+        return out
+
+    def batches(self, batch_size: int, generator: torch.Generator) -> Iterator[list[int]]:
+        """Endless shuffled epochs (each item `repeats` times); each batch from one bucket."""
+        while True:
+            epoch: list[list[int]] = []
+            for indices in self.buckets().values():
+                pool = [i for i in indices for _ in range(self.repeats)]
+                order = torch.randperm(len(pool), generator=generator).tolist()
+                pool = [pool[j] for j in order]
+                epoch += [pool[k : k + batch_size] for k in range(0, len(pool), batch_size)]
+            for j in torch.randperm(len(epoch), generator=generator).tolist():
+                yield epoch[j]
+
+    def drop_caption(self, generator: torch.Generator) -> bool:
+        return self.caption_dropout > 0 and float(torch.rand(1, generator=generator)) < self.caption_dropout
+
+
+def from_latent_batch(latent: dict, conditioning: Sequence[Any], repeats: int = 1, caption_dropout: float = 0.0,
+                      empty_conditioning: list | None = None) -> TrainingSet:
+    """A set from a ComfyUI LATENT batch and one CONDITIONING (for every item) or a list of them."""
+    samples = latent.get("samples") if isinstance(latent, dict) else None
+    if not isinstance(samples, torch.Tensor) or samples.ndim != 4:
+        raise DatasetError("latent: expected a LATENT with a [B, C, H, W] 'samples' tensor")
+    conds = [conditioning] if conditioning and isinstance(conditioning[0], list) and \
+        isinstance(conditioning[0][0], torch.Tensor) else list(conditioning)
+    return TrainingSet([s.detach().cpu() for s in samples], conds, repeats, caption_dropout, empty_conditioning)
