@@ -24,7 +24,7 @@ demo: setup
 	$(PY) scripts/demo.py
 
 bench: setup
-	$(PY) -m bench
+	$(PY) -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf .venv .comfyui .cache demo-output test-artifacts

@@ -136,6 +136,11 @@ def _hook(path: str, module: torch.nn.Module, inputs: tuple, output: torch.Tenso
     x = inputs[0]
     channel_dim = 1 if isinstance(module, torch.nn.modules.conv._ConvNd) else -1
     for act in actives:
+        if isinstance(act.strength, float) and act.binding.adapter.linear_in_strength:
+            place(act.binding.adapter, x.device, x.dtype)
+            if act.strength == 0.0 or act.binding.adapter.add_output_(x, output, act.binding.route.blocks,
+                                                                      act.strength):
+                continue
         delta = _delta(act, x, module)
         _add_rows(output, delta.to(output.dtype), act.binding.route, channel_dim)
     return output

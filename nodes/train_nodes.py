@@ -11,7 +11,7 @@ from comfy_api.latest import io, ui
 
 from ..core.config import ConfigError, parse_config
 from ..core.loss_plot import loss_curve
-from ..trainer.data import DatasetError, from_latent_batch
+from ..trainer.data import DatasetError, encoded_set, folder_items, from_latent_batch, load_image, split_captions
 from ..trainer.jobs import ACTIVE
 from ..trainer.loop import Folders, run_training
 from ..trainer.spec import DTYPES, NAN_POLICIES, OPTIMIZERS, SCHEDULES, JobSpec, SpecError
@@ -51,6 +51,85 @@ class LatentDataset(io.ComfyNode):
         except DatasetError as err:
             raise ValueError(str(err)) from None
         return io.NodeOutput(data, ui=ui.PreviewText(f"{len(data)} items, {len(data.buckets())} size bucket(s)"))
+
+
+def _encoders(vae, clip):
+    def encode_image(pixels):
+        return vae.encode(pixels)
+
+    def encode_text(text):
+        return clip.encode_from_tokens_scheduled(clip.tokenize(text))
+
+    return encode_image, encode_text
+
+
+class ImageDataset(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LycorisImageDataset",
+            display_name="LyCORIS Dataset (images)",
+            category=TRAIN_CATEGORY,
+            description="A training set from images and captions, encoded once with the model's VAE and text "
+                        "encoder and cached. One caption per line (or one line for every image).",
+            inputs=[
+                io.Image.Input("images", tooltip="The training images (a batch)."),
+                io.String.Input("captions", multiline=True, default="",
+                                tooltip="One caption per line, in image order; a single line captions every image."),
+                io.Vae.Input("vae", tooltip="The model's VAE (encodes the images)."),
+                io.Clip.Input("clip", tooltip="The model's text encoder (encodes the captions)."),
+                io.Int.Input("repeats", default=1, min=1, max=1000, tooltip="How often each item appears per epoch."),
+                io.Float.Input("caption_dropout", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Probability of training an item on the empty caption instead."),
+            ],
+            outputs=[LycorisDataset.Output("dataset", display_name="dataset", tooltip="For Train LyCORIS.")],
+        )
+
+    @classmethod
+    def execute(cls, images, captions, vae, clip, repeats, caption_dropout) -> io.NodeOutput:
+        try:
+            texts = split_captions(captions, images.shape[0])
+            data = encoded_set(list(images), texts, *_encoders(vae, clip), repeats, caption_dropout)
+        except DatasetError as err:
+            raise ValueError(str(err)) from None
+        return io.NodeOutput(data, ui=ui.PreviewText(f"{len(data)} items, {len(data.buckets())} size bucket(s)"))
+
+
+class FolderDataset(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LycorisFolderDataset",
+            display_name="LyCORIS Dataset (folder)",
+            category=TRAIN_CATEGORY,
+            description="A training set from a folder inside ComfyUI's input folder: every image with a same-name "
+                        ".txt caption, encoded once with the VAE and text encoder. Images of different sizes train "
+                        "in separate buckets.",
+            inputs=[
+                io.String.Input("folder", default="training/my_set",
+                                tooltip="Folder under ComfyUI's input folder (no '..')."),
+                io.Vae.Input("vae", tooltip="The model's VAE (encodes the images)."),
+                io.Clip.Input("clip", tooltip="The model's text encoder (encodes the captions)."),
+                io.Int.Input("repeats", default=1, min=1, max=1000, tooltip="How often each item appears per epoch."),
+                io.Float.Input("caption_dropout", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Probability of training an item on the empty caption instead."),
+            ],
+            outputs=[LycorisDataset.Output("dataset", display_name="dataset", tooltip="For Train LyCORIS.")],
+        )
+
+    @classmethod
+    def execute(cls, folder, vae, clip, repeats, caption_dropout) -> io.NodeOutput:
+        root = Path(folder_paths.get_input_directory()).resolve()
+        path = (root / folder).resolve()
+        if root != path and root not in path.parents:
+            raise ValueError(f"folder: '{folder}' is outside ComfyUI's input folder")
+        try:
+            items = folder_items(str(path))
+            images = [load_image(p) for p, _ in items]
+            data = encoded_set(images, [c for _, c in items], *_encoders(vae, clip), repeats, caption_dropout)
+        except DatasetError as err:
+            raise ValueError(str(err)) from None
+        return io.NodeOutput(data, ui=ui.PreviewText(f"{len(data)} items from {folder}"))
 
 
 def _job_folder(output_name: str, resume: bool) -> Path:
@@ -178,4 +257,4 @@ def _wait(job, until_checkpoint: bool = False) -> None:
             time.sleep(0.1)
 
 
-NODES = [LatentDataset, TrainLycoris, LycorisJobNode]
+NODES = [LatentDataset, ImageDataset, FolderDataset, TrainLycoris, LycorisJobNode]

@@ -79,3 +79,71 @@ def from_latent_batch(latent: dict, conditioning: Sequence[Any], repeats: int = 
     conds = [conditioning] if conditioning and isinstance(conditioning[0], list) and \
         isinstance(conditioning[0][0], torch.Tensor) else list(conditioning)
     return TrainingSet([s.detach().cpu() for s in samples], conds, repeats, caption_dropout, empty_conditioning)
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def split_captions(text: str, count: int) -> list[str]:
+    """One caption per line for `count` images, or a single line used for all of them."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) == 1:
+        return lines * count
+    if len(lines) != count:
+        raise DatasetError(f"captions: {len(lines)} lines for {count} images (give one per image, or one for all)")
+    return lines
+
+
+def folder_items(folder: str) -> list[tuple[str, str]]:
+    """(image path, caption) pairs of a folder: every image with a same-name .txt caption, sorted."""
+    from pathlib import Path
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise DatasetError(f"folder: '{folder}' is not a folder")
+    images = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise DatasetError(f"folder: no images ({', '.join(IMAGE_SUFFIXES)}) in '{folder}'")
+    items = []
+    for image in images:
+        caption = image.with_suffix(".txt")
+        if not caption.is_file():
+            raise DatasetError(f"folder item {image.name}: no caption file {caption.name}")
+        items.append((str(image), caption.read_text(encoding="utf-8").strip()))
+    return items
+
+
+def load_image(path: str) -> torch.Tensor:
+    """An image file as a ComfyUI IMAGE item [H, W, 3] in 0..1; unreadable files name the file."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            rgb = img.convert("RGB")
+    except (OSError, UnidentifiedImageError) as err:
+        raise DatasetError(f"image {path}: unreadable ({err})") from None
+    return torch.from_numpy(np.asarray(rgb).astype("float32") / 255.0)
+
+
+def encoded_set(images: list[torch.Tensor], captions: list[str], encode_image, encode_text, repeats: int = 1,
+                caption_dropout: float = 0.0) -> TrainingSet:
+    """Encode images ([H, W, 3] each) and captions once into a cached set (the VAE/CLIP calls are passed in).
+
+    Images are encoded one at a time (sizes may differ: each size becomes a bucket); equal captions
+    are encoded once.
+    """
+    if len(images) != len(captions):
+        raise DatasetError(f"dataset: {len(images)} images but {len(captions)} captions")
+    if not images:
+        raise DatasetError("dataset: no images")
+    latents, conds, cache = [], [], {}
+    for i, (image, caption) in enumerate(zip(images, captions, strict=True)):
+        if image.ndim != 3 or image.shape[-1] < 3:
+            raise DatasetError(f"dataset item {i}: expected an [H, W, 3] image, got shape {tuple(image.shape)}")
+        latents.append(encode_image(image[None, ..., :3])[0].detach().cpu())
+        if caption not in cache:
+            cache[caption] = encode_text(caption)
+        conds.append(cache[caption])
+    empty = encode_text("") if caption_dropout > 0 else None
+    return TrainingSet(latents, conds, repeats, caption_dropout, empty, list(captions))

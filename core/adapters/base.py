@@ -208,6 +208,14 @@ class ModuleAdapter:
         """The module's tensors under LyCORIS's names (what a file stores), alpha included."""
         return dict(self.params)
 
+    def add_output_(self, x: torch.Tensor, output: torch.Tensor, blocks, strength: float) -> bool:
+        """Optional fast path: add strength * delta(x) into `output` in place, at the route's rows.
+
+        `blocks` is the route's row blocks (None: all rows in order). Returns False when this
+        module has no fast path for the call (the runtime then uses `delta_output`).
+        """
+        return False
+
     def to(self, device=None, dtype: torch.dtype | None = None) -> ModuleAdapter:
         """Move (and cast floating) tensors; alpha and on_input keep their dtype. Returns self."""
         for key, tensor in self.params.items():

@@ -99,6 +99,22 @@ class LoRAAdapter(LowRankAdapter):
         dw = locon.diff_weight(down, up, mid, gamma=self.scale, backend=KERNEL_BACKEND)
         return dw.reshape(self.layer.weight_shape)
 
+    def add_output_(self, x, output, blocks, strength):
+        """Plain linear LoRA: output += (strength*scale) * (x down^T) up^T with one addmm per row block.
+
+        The same product LyCORIS's bypass computes, without its two output-sized temporaries
+        (up * gamma and the delta): the bypass overhead and peak memory of a LoRA stay at its rank.
+        """
+        if self.layer.is_conv or self.wd_on_out is not None or not output.is_contiguous():
+            return False
+        down, up, _ = self._factors(x)
+        hidden = torch.nn.functional.linear(x, down).reshape(-1, self.dim)
+        flat = output.view(-1, output.shape[-1])
+        alpha = self.scale * strength
+        for c, d, n in blocks if blocks is not None else ((0, 0, up.shape[0]),):
+            flat[:, c : c + n].addmm_(hidden, up[d : d + n].t(), alpha=alpha)
+        return True
+
     def _delta_output(self, x, base_weight, rank_mask):
         if self.layer.groups != 1:  # the rank-space chain cannot be grouped; go through ΔW
             return self.layer.apply(x, self._unit_delta_weight(x))
