@@ -311,7 +311,7 @@ def _check_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
     return dict(metadata)
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], final: Path) -> None:
+def atomic_save_file(tensors: dict[str, torch.Tensor], metadata: dict[str, str], final: Path) -> None:
     """Write beside `final`, flush to disk, then rename over it: readers see the old file or the new one."""
     tmp = final.parent / f".{final.stem}.{secrets.token_hex(6)}.tmp"
     open(tmp, "xb").close()  # an ordinary new file's mode (umask applies), unlike mkstemp's 0600
@@ -341,7 +341,7 @@ def write_adapter(folder: Path, name: str, tensors: Mapping[str, torch.Tensor], 
     prepared, meta = _prepare_tensors(tensors), _check_metadata(metadata)
     final.parent.mkdir(parents=True, exist_ok=True)
     _inside(root.resolve(), final.parent, name)  # again, now that the folders exist
-    _atomic_save(prepared, meta, final)
+    atomic_save_file(prepared, meta, final)
     return final
 
 

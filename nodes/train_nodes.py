@@ -53,6 +53,17 @@ class LatentDataset(io.ComfyNode):
         return io.NodeOutput(data, ui=ui.PreviewText(f"{len(data)} items, {len(data.buckets())} size bucket(s)"))
 
 
+def _encoding_inputs() -> list:
+    """The inputs both encoding dataset nodes share (VAE, text encoder, repeats, dropout)."""
+    return [
+        io.Vae.Input("vae", tooltip="The model's VAE (encodes the images)."),
+        io.Clip.Input("clip", tooltip="The model's text encoder (encodes the captions)."),
+        io.Int.Input("repeats", default=1, min=1, max=1000, tooltip="How often each item appears per epoch."),
+        io.Float.Input("caption_dropout", default=0.0, min=0.0, max=1.0, step=0.01,
+                       tooltip="Probability of training an item on the empty caption instead."),
+    ]
+
+
 def _encoders(vae, clip):
     def encode_image(pixels):
         return vae.encode(pixels)
@@ -76,11 +87,7 @@ class ImageDataset(io.ComfyNode):
                 io.Image.Input("images", tooltip="The training images (a batch)."),
                 io.String.Input("captions", multiline=True, default="",
                                 tooltip="One caption per line, in image order; a single line captions every image."),
-                io.Vae.Input("vae", tooltip="The model's VAE (encodes the images)."),
-                io.Clip.Input("clip", tooltip="The model's text encoder (encodes the captions)."),
-                io.Int.Input("repeats", default=1, min=1, max=1000, tooltip="How often each item appears per epoch."),
-                io.Float.Input("caption_dropout", default=0.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="Probability of training an item on the empty caption instead."),
+                *_encoding_inputs(),
             ],
             outputs=[LycorisDataset.Output("dataset", display_name="dataset", tooltip="For Train LyCORIS.")],
         )
@@ -108,11 +115,7 @@ class FolderDataset(io.ComfyNode):
             inputs=[
                 io.String.Input("folder", default="training/my_set",
                                 tooltip="Folder under ComfyUI's input folder (no '..')."),
-                io.Vae.Input("vae", tooltip="The model's VAE (encodes the images)."),
-                io.Clip.Input("clip", tooltip="The model's text encoder (encodes the captions)."),
-                io.Int.Input("repeats", default=1, min=1, max=1000, tooltip="How often each item appears per epoch."),
-                io.Float.Input("caption_dropout", default=0.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="Probability of training an item on the empty caption instead."),
+                *_encoding_inputs(),
             ],
             outputs=[LycorisDataset.Output("dataset", display_name="dataset", tooltip="For Train LyCORIS.")],
         )

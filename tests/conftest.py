@@ -26,6 +26,17 @@ def _cpu_unless_cuda() -> None:
 _cpu_unless_cuda()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: thread hand-offs cost more than they save (2-3x slower on a busy 2-core machine)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def comfy_server(tmp_path_factory):
     """One real ComfyUI server (CPU, 127.0.0.1, a free port, only this pack) per test session."""

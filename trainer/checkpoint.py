@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,8 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+
+from ..core.adapter_file import atomic_save_file
 
 FORMAT_KEY = "lycoris_trainer.format"
 FORMAT_VERSION = "1"
@@ -150,15 +150,7 @@ def save_checkpoint(folder: str | os.PathLike[str], state: TrainingState, keep_l
     root.mkdir(parents=True, exist_ok=True)
     tensors, metadata = _contents(state)
     final = root / checkpoint_name(state.step)
-    tmp = root / f".{final.stem}.{secrets.token_hex(6)}.tmp"
-    try:
-        save_file(tensors, str(tmp), metadata)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_save_file(tensors, metadata, final)
     _fsync_dir(root)
     if keep_last is not None:
         prune(root, keep_last, keep=final)

@@ -52,14 +52,6 @@ FULL = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: thread hand-offs cost more than they save (2-3x slower on a busy 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def layers(module: torch.nn.Module) -> dict[str, torch.nn.Module]:
     return {n: m for n, m in module.named_modules() if isinstance(m, LAYERS)}

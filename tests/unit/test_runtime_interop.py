@@ -42,13 +42,6 @@ TARGETS = {"flux2": ["Linear"], "flux1": ["Linear"], "sdxl": ["Linear", "Conv2d"
 CONV_ALGOS = ("lora", "loha", "lokr-full", "lokr-decomposed", "full")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def pair(request):
