@@ -312,3 +312,23 @@ def test_node_removal_and_no_errors_from_the_extension(ui):
     # HTTP errors the tests provoke (a bad min_rank, the jobs route before the trainer) are logged too
     ours = [e for e in ui.errors if "lycoris" in e.lower() and not e.startswith("Failed to load resource")]
     assert not ours, "\n\n".join(ours)
+
+
+def test_a_real_training_job_feeds_the_loss_chart(ui, comfy_server):
+    """A tiny job trained by the server: its websocket progress events reach the Job node's chart."""
+    from graphs import train_prompt
+
+    outputs = comfy_server.run(train_prompt(steps=40, output_name="browser/run", save_every=20))
+    job_id = outputs["train"]["job_id"][0]
+    node = _add_node(ui, "LycorisJob", 480, 320)
+    ui.js("app.graph.getNodeById(arg.node).onExecuted({job_id: [arg.id]});", {"node": node, "id": job_id})
+    ui.page.wait_for_function(
+        """(id) => { const s = [...document.querySelectorAll('.lycoris-job-status')].map(e => e.textContent);
+                     return s.some(t => /step ([3-9]|[1-4][0-9])\\/40/.test(t)); }""", arg=job_id, timeout=120_000)
+    ui.page.wait_for_function("() => [...document.querySelectorAll('.lycoris-loss-canvas')]"
+                              ".some(c => Number(c.dataset.draws) > 1)")
+    points = ui.js("return app.graph.getNodeById(arg).widgets.length;", node)
+    assert points >= 1
+    ui.page.screenshot(path=str(SHOTS / "real_job.png"))
+    comfy_server.post(f"/lycoris/jobs/{job_id}/cancel", {})
+    ui.js("app.graph.remove(app.graph.getNodeById(arg));", node)

@@ -4,30 +4,9 @@ runs during training, the server stays responsive, routes report and cancel jobs
 import time
 
 import pytest
+from graphs import train_prompt
 
 pytestmark = pytest.mark.integration
-
-TINY = {"family": "flux2", "width": 64, "heads": 2, "depth": 1, "single_depth": 1, "context_dim": 32,
-        "seed": 5, "dtype": "float32"}
-
-
-def train_prompt(steps: int, output_name: str, save_every: int = 5) -> dict:
-    return {
-        "model": {"class_type": "LycorisTinyModel", "inputs": TINY},
-        "latents": {"class_type": "LycorisTinyLatents", "inputs": {"model": ["model", 0], "width": 64, "height": 64,
-                                                                    "count": 2, "seed": 1}},
-        "cond": {"class_type": "LycorisTinyTextEncode", "inputs": {"model": ["model", 0], "text": "a cat", "tokens": 4}},
-        "data": {"class_type": "LycorisLatentDataset", "inputs": {"latents": ["latents", 0], "conditioning": ["cond", 0],
-                                                                   "repeats": 1, "caption_dropout": 0.0}},
-        "config": {"class_type": "LycorisConfig", "inputs": {"preset": "flux2_lokr", "config_json": ""}},
-        "train": {"class_type": "LycorisTrain", "inputs": {
-            "model": ["model", 0], "dataset": ["data", 0], "config": ["config", 0], "steps": steps, "batch_size": 2,
-            "grad_accumulation": 1, "learning_rate": 3e-3, "lr_schedule": "constant", "warmup_steps": 0,
-            "optimizer": "adamw", "seed": 0, "dtype": "float32", "gradient_checkpointing": True,
-            "save_every": save_every, "keep_last": 2, "nan_policy": "stop", "output_name": output_name,
-            "resume": False}},
-    }
-
 
 def sample_prompt(train: dict, prefix: str) -> dict:
     prompt = dict(train)
