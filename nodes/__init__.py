@@ -1,14 +1,26 @@
 """Collects the pack's node classes into ComfyUI's mappings."""
 
-from . import ab_nodes, adapter_nodes, config_nodes, dev_models, tlora_visualizer, train_nodes, web_routes  # noqa: F401
+from . import (  # noqa: F401  (web_routes registers HTTP routes)
+    ab_nodes,
+    adapter_nodes,
+    config_nodes,
+    dev_models,
+    export_nodes,
+    preview_nodes,
+    tlora_visualizer,
+    train_nodes,
+    web_routes,
+)
 
 NODE_CLASSES = [
     *config_nodes.NODES,
     *adapter_nodes.NODES,
     *ab_nodes.NODES,
     *train_nodes.NODES,
+    *export_nodes.NODES,
     *tlora_visualizer.NODES,
     *dev_models.NODES,
+    *preview_nodes.NODES,
 ]
 
 NODE_CLASS_MAPPINGS = {cls.define_schema().node_id: cls for cls in NODE_CLASSES}

@@ -19,13 +19,22 @@ from ..core import host
 from ..core.adapter_file import adapter_metadata, next_free_name, resolve_in_folder, write_adapter
 from ..core.config import parse_config
 from ..core.targets import plan_for
-from .checkpoint import TrainingState, capture_rng, latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
+from .checkpoint import (
+    TrainingState,
+    capture_rng,
+    checkpoint_name,
+    latest_checkpoint,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
 from .checkpointing import gradient_checkpointing
 from .data import TrainingSet
+from .distributed import World
 from .jobs import Job, JobCancelled, JobControl, JobStopped
 from .optimizers import build_optimizer
 from .predict import ComfyPredictor, encode_conditioning, model_space_latents, objective_for_model, stack_conditioning
-from .step import Batch, train_step
+from .step import Batch
 from .trainable import TrainableAdapter, comfy_base_weights
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -47,6 +56,7 @@ class _Run:
     generator: torch.Generator
     folders: Folders
     config: Any
+    world: World
 
 
 def _encoded_items(patcher: Any, data: TrainingSet, device: torch.device, guidance: float) -> list[tuple]:
@@ -67,9 +77,12 @@ def _next_batch(data: TrainingSet, items: list[tuple], order, generator: torch.G
 
 
 def _checkpoint(run: _Run, step: int) -> Path:
-    state = TrainingState(step, run.trainable.state_dict(), run.optimizer.state_dict(),
-                          capture_rng({"data": run.generator}), {"spec": run.job.spec.to_json()})
-    path = save_checkpoint(run.folders.checkpoints, state, keep_last=run.job.spec.keep_last)
+    path = run.folders.checkpoints / checkpoint_name(step)
+    if run.world.is_main:  # one writer per folder; the state is the same on every rank
+        state = TrainingState(step, run.trainable.state_dict(), run.optimizer.state_dict(),
+                              capture_rng({"data": run.generator}), {"spec": run.job.spec.to_json()})
+        path = save_checkpoint(run.folders.checkpoints, state, keep_last=run.job.spec.keep_last)
+    run.world.barrier()
     run.control.publish(run.trainable.to_loaded(f"{run.job.name}@{step}", run.config), str(path))
     return path
 
@@ -89,24 +102,30 @@ def _resume(run: _Run) -> int:
 
 def _final_file(run: _Run) -> Path:
     spec, folder = run.job.spec, run.folders.adapters
-    name = spec.output_name
-    if resolve_in_folder(folder, name).exists():
-        name = next_free_name(folder, name)
-    metadata = adapter_metadata(run.config.to_json(), run.trainable.family, run.config.algo,
-                                {"steps": run.job.step, "seed": spec.seed})
-    return write_adapter(folder, name, run.trainable.state_dict(), metadata)
+    written = ""
+    if run.world.is_main:  # rank 0 writes (atomically); the others wait for its path
+        name = spec.output_name
+        if resolve_in_folder(folder, name).exists():
+            name = next_free_name(folder, name)
+        metadata = adapter_metadata(run.config.to_json(), run.trainable.family, run.config.algo,
+                                    {"steps": run.job.step, "seed": spec.seed})
+        written = str(write_adapter(folder, name, run.trainable.state_dict(), metadata))
+    return Path(run.world.broadcast_text(written))
 
 
-def run_training(job: Job, control: JobControl, patcher: Any, data: TrainingSet, folders: Folders) -> Path:
+def run_training(job: Job, control: JobControl, patcher: Any, data: TrainingSet, folders: Folders,
+                 world: World | None = None) -> Path:
     """Train `job` on `patcher` (a ComfyUI MODEL, whose weights keep their values) and `data`.
 
     Returns the adapter file. Runs with autograd on even when called from a ComfyUI node thread.
+    `world`: this process's rank among data-parallel processes (`trainer.distributed`); None: one process.
     """
     with torch.inference_mode(False):
-        return _run_training(job, control, patcher, data, folders)
+        return _run_training(job, control, patcher, data, folders, world or World())
 
 
-def _run_training(job: Job, control: JobControl, patcher: Any, data: TrainingSet, folders: Folders) -> Path:
+def _run_training(job: Job, control: JobControl, patcher: Any, data: TrainingSet, folders: Folders,
+                  world: World) -> Path:
     spec = job.spec
     config = parse_config(spec.config_json)
     device = host.prepare_for_training(patcher)
@@ -118,8 +137,9 @@ def _run_training(job: Job, control: JobControl, patcher: Any, data: TrainingSet
                                            init_device=device)
     optimizer = build_optimizer(spec, trainable.parameters())
     generator = torch.Generator().manual_seed(spec.seed)
-    run = _Run(job, control, patcher, trainable, optimizer, generator, folders, config)
+    run = _Run(job, control, patcher, trainable, optimizer, generator, folders, config, world)
     start = _resume(run)
+    world.sync_start(start, trainable.parameters())
     objective = objective_for_model(patcher.model, trainable.family, shift=spec.flow_shift or 3.0,
                                     resolution_dependent=spec.flow_shift == 0, guidance=spec.guidance,
                                     min_snr_gamma=spec.min_snr_gamma or None)
@@ -141,8 +161,8 @@ def _run_training(job: Job, control: JobControl, patcher: Any, data: TrainingSet
             group["lr"] = lr
         batches = [_next_batch(data, items, order, generator, empty) for _ in range(spec.grad_accumulation)]
         with torch.enable_grad(), _maybe_checkpointing(patcher, spec.gradient_checkpointing):
-            result = train_step(predict, objective, batches, trainable.parameters(), optimizer, generator,
-                                spec.max_grad_norm or None)
+            result = world.train_step(predict, objective, batches, trainable.parameters(), optimizer, generator,
+                                      spec.max_grad_norm or None)
         if not result.finite:
             if spec.nan_policy == "stop":
                 kept = f"; last good checkpoint kept: {job.checkpoint}" if job.checkpoint else ""

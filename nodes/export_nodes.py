@@ -1,0 +1,127 @@
+"""Export LyCORIS Job: a self-contained job folder for headless and multi-GPU (torchrun) training."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import folder_paths
+import torch
+from comfy_api.latest import io, ui
+
+from ..core import host
+from ..core.adapter_set import architecture_key
+from ..core.config import ConfigError, parse_config
+from ..core.tiny import TinySizes
+from ..trainer.jobfile import JobFileError, ModelRef, write_job
+from ..trainer.spec import JobSpec, SpecError
+from .train_nodes import TrainLycoris
+from .types import TRAIN_CATEGORY
+
+TINY = "tiny (rebuilt from its recipe)"
+_FILE_KINDS = {"diffusion_models": "diffusion_model", "checkpoints": "checkpoint"}
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+_TINY_MAX_PARAMS = 50_000_000  # a "tiny" model bigger than this is a real model picked by mistake
+
+
+def _base_models() -> list[str]:
+    files = [f"{folder}/{name}" for folder in _FILE_KINDS for name in folder_paths.get_filename_list(folder)]
+    return [TINY, *files]
+
+
+def _training_inputs() -> list:
+    """Train LyCORIS's inputs (model, dataset, config and every training setting) except `resume`."""
+    return [inp for inp in TrainLycoris.define_schema().inputs if inp.id != "resume"]
+
+
+def _tiny_ref(model, seed: int) -> ModelRef:
+    """The tiny recipe that rebuilds `model` bit for bit, or a ValueError saying why there is none."""
+    diffusion = model.model.diffusion_model
+    if sum(p.numel() for p in diffusion.parameters()) > _TINY_MAX_PARAMS:
+        raise ValueError("base_model: this model is too big to be a Tiny Model; pick its file instead")
+    cfg, family = host.model_unet_config(model), host.model_family(model)
+    if family == "sdxl":
+        sizes = TinySizes(family, cfg["model_channels"], 1, cfg["transformer_depth_middle"], 1, cfg["context_dim"], seed)
+    else:
+        sizes = TinySizes(family, cfg["hidden_size"], cfg["num_heads"], cfg["depth"], cfg["depth_single_blocks"],
+                          cfg["context_in_dim"], seed)
+    dtype = next(diffusion.parameters()).dtype
+    rebuilt = dict(host.build_tiny_model(sizes, dtype).model.diffusion_model.named_parameters())
+    same = set(rebuilt) == {name for name, _ in diffusion.named_parameters()} and all(
+        torch.equal(host.comfy_weight(model, key), value.to("cpu", torch.float32)) for key, value in rebuilt.items())
+    if not same:
+        raise ValueError(f"base_model: the model is not a Tiny Model with seed {seed} ({sizes}); set tiny_seed to "
+                         "the Tiny Model node's seed, or pick the model's file")
+    return ModelRef("tiny", sizes, _DTYPE_NAMES.get(dtype, "float32"),
+                    architecture=architecture_key(host.model_unet_config(model)))
+
+
+def _file_ref(model, base_model: str) -> ModelRef:
+    folder, _, name = base_model.partition("/")
+    if folder not in _FILE_KINDS or not name:
+        raise ValueError(f"base_model: '{base_model}' is not '{TINY}' or a file of {', '.join(_FILE_KINDS)}")
+    path = folder_paths.get_full_path_or_raise(folder, name)
+    return ModelRef(_FILE_KINDS[folder], file=name, path=str(Path(path).resolve()),
+                    architecture=architecture_key(host.model_unet_config(model)))
+
+
+def _job_folder(name: str) -> Path:
+    """output/lycoris_jobs/<name>, or <name>_00001, ... when that folder is already used."""
+    root = Path(folder_paths.get_output_directory()) / "lycoris_jobs"
+    folder, n = root / name, 0
+    while folder.exists() and any(folder.iterdir()):
+        n += 1
+        folder = root / f"{name}_{n:05d}"
+    return folder
+
+
+class ExportLycorisJob(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LycorisExportJob",
+            display_name="Export LyCORIS Job",
+            category=TRAIN_CATEGORY,
+            description=(
+                "Writes a self-contained training job folder to output/lycoris_jobs/<output_name>: job.json (the "
+                "same settings as Train LyCORIS and a reference to the base model), the cached dataset (latents and "
+                "conditioning as safetensors). Train it without a server: `python -m trainer run <folder>`, or on "
+                "several GPUs: `torchrun --nproc_per_node=8 -m trainer run <folder>` (from the pack's folder)."
+            ),
+            inputs=[
+                *_training_inputs(),
+                io.Combo.Input("base_model", options=_base_models(), default=TINY,
+                               tooltip="The file the connected model was loaded from (models/diffusion_models or "
+                                       "models/checkpoints), or the tiny recipe for a Tiny Model (LyCORIS dev)."),
+                io.Int.Input("tiny_seed", default=0, min=0, max=2**31 - 1,
+                             tooltip="With the tiny recipe: the Tiny Model node's seed (checked against the model)."),
+            ],
+            outputs=[io.String.Output("job_folder", display_name="job folder",
+                                      tooltip="Path of the written job folder.")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, model, dataset, config, steps, batch_size, grad_accumulation, learning_rate, lr_schedule,
+                warmup_steps, optimizer, seed, dtype, gradient_checkpointing, save_every, keep_last, nan_policy,
+                output_name, base_model, tiny_seed) -> io.NodeOutput:
+        try:
+            parse_config(config.to_json())
+            spec = JobSpec(config.to_json(), steps, batch_size, grad_accumulation, learning_rate, lr_schedule,
+                           warmup_steps, optimizer, seed=seed, dtype=dtype, gradient_checkpointing=gradient_checkpointing,
+                           save_every=save_every, keep_last=keep_last, nan_policy=nan_policy, output_name=output_name)
+        except (SpecError, ConfigError) as err:
+            raise ValueError(f"Export LyCORIS Job: {err}") from None
+        reference = _tiny_ref(model, tiny_seed) if base_model == TINY else _file_ref(model, base_model)
+        folder = _job_folder(output_name)
+        try:
+            write_job(folder, spec, dataset, reference, name=output_name)
+        except JobFileError as err:
+            raise ValueError(f"Export LyCORIS Job: {err}") from None
+        quoted = shlex.quote(str(folder))
+        text = (f"job written to {folder}\nfrom the pack's folder run:\n  python -m trainer run {quoted}\n"
+                f"  torchrun --nproc_per_node=8 -m trainer run {quoted}")
+        return io.NodeOutput(str(folder), ui=ui.PreviewText(text))
+
+
+NODES = [ExportLycorisJob]

@@ -1,0 +1,241 @@
+"""Self-contained job folders: what the Export node writes and `python -m trainer run` reads.
+
+```
+<job>/job.json              {"format", "name", "spec": JobSpec fields, "model": ModelRef fields, "dataset"}
+<job>/dataset.safetensors   cached latents + conditioning tensors (no pickle), structure as JSON metadata
+<job>/checkpoints/          written by the run (resume reads the latest)
+<job>/loras/                the final adapter (unless the run is given another folder)
+```
+
+The base model is referenced, not copied: a ComfyUI model file plus the loader kind, or the
+recipe of a tiny seeded model (`core.tiny.TinySizes`), which rebuilds bit-identically anywhere.
+Nothing here imports ComfyUI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from ..core.adapter_file import atomic_save_file
+from ..core.tiny import TinySizes
+from .data import DatasetError, TrainingSet
+from .spec import JobSpec, SpecError
+
+FORMAT = "lycoris-job/1"
+DATASET_FORMAT = "1"
+JOB_FILE = "job.json"
+DATASET_FILE = "dataset.safetensors"
+MODEL_KINDS = ("tiny", "diffusion_model", "checkpoint")
+MODEL_FOLDERS = {"diffusion_model": "diffusion_models", "checkpoint": "checkpoints"}  # ComfyUI model folders
+_SCALARS = (type(None), bool, int, float, str)
+
+
+class JobFileError(ValueError):
+    """A job folder that cannot be written or used; the message names the file and field."""
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """The base model of a job: a tiny recipe, or a file and the ComfyUI loader that reads it."""
+
+    kind: str  # one of MODEL_KINDS
+    tiny: TinySizes | None = None  # kind "tiny": the recipe
+    dtype: str = "float32"  # kind "tiny": storage dtype of the weights
+    file: str = ""  # file kinds: name inside ComfyUI's models/<MODEL_FOLDERS[kind]>
+    path: str = ""  # file kinds: absolute path where the export found it
+    architecture: str = ""  # core.adapter_set.architecture_key of the model; "" = not checked
+
+    def __post_init__(self) -> None:
+        if self.kind not in MODEL_KINDS:
+            raise JobFileError(f"model.kind: must be one of {', '.join(MODEL_KINDS)} (got {self.kind!r})")
+        if self.kind == "tiny" and self.tiny is None:
+            raise JobFileError("model.tiny: a tiny model needs its recipe (TinySizes fields)")
+        if self.kind != "tiny" and not (self.file or self.path):
+            raise JobFileError(f"model.file: a {self.kind} needs a file name or path")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["tiny"] = asdict(self.tiny) if self.tiny is not None else None
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Any) -> ModelRef:
+        if not isinstance(data, dict):
+            raise JobFileError("model: must be an object")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise JobFileError(f"model.{unknown[0]}: not a model reference field")
+        tiny = data.get("tiny")
+        if tiny is not None:
+            sizes = {f.name for f in fields(TinySizes)}
+            if not isinstance(tiny, dict) or set(tiny) - sizes:
+                raise JobFileError(f"model.tiny: must be an object with fields among {', '.join(sorted(sizes))}")
+            tiny = TinySizes(**tiny)
+        return cls(**{**data, "tiny": tiny})
+
+    def describe(self) -> str:
+        if self.kind == "tiny":
+            return f"tiny {self.tiny}"
+        return f"{self.kind} {self.file or self.path}"
+
+
+@dataclass(frozen=True)
+class JobFolder:
+    folder: Path
+    name: str
+    spec: JobSpec
+    model: ModelRef
+    dataset: Path
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.folder / "checkpoints"
+
+    @property
+    def loras(self) -> Path:
+        return self.folder / "loras"
+
+
+# -- dataset -------------------------------------------------------------------------------------
+
+def _encode_conditioning(conditioning: Any, prefix: str, sink: dict[str, torch.Tensor]) -> list[dict]:
+    """A ComfyUI CONDITIONING ([[tensor, {extras}], ...]) as JSON, its tensors into `sink`."""
+    if not isinstance(conditioning, (list, tuple)):
+        raise JobFileError(f"{prefix}: a CONDITIONING must be a list, got {type(conditioning).__name__}")
+    entries = []
+    for j, entry in enumerate(conditioning):
+        if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[0], torch.Tensor)
+                and isinstance(entry[1], dict)):
+            raise JobFileError(f"{prefix}.{j}: expected [tensor, dict]")
+        sink[f"{prefix}.{j}.cond"] = entry[0]
+        extras = {}
+        for k, (key, value) in enumerate(entry[1].items()):
+            if isinstance(value, torch.Tensor):
+                sink[f"{prefix}.{j}.{k}"] = value
+                extras[key] = {"tensor": f"{prefix}.{j}.{k}"}
+            elif isinstance(value, _SCALARS):
+                extras[key] = {"value": value}
+            else:
+                raise JobFileError(f"{prefix}.{j}: conditioning value '{key}' is a {type(value).__name__}, "
+                                   "which a job file cannot hold (tensors and plain values only)")
+        entries.append({"cond": f"{prefix}.{j}.cond", "extras": extras})
+    return entries
+
+
+def _decode_conditioning(entries: Any, tensors: dict[str, torch.Tensor], where: str) -> list:
+    def tensor(name: Any) -> torch.Tensor:
+        if name not in tensors:
+            raise JobFileError(f"{where}: tensor '{name}' is referenced but missing")
+        return tensors[name]
+
+    out = []
+    for entry in entries:
+        extras = {key: tensor(v["tensor"]) if "tensor" in v else v["value"] for key, v in entry["extras"].items()}
+        out.append([tensor(entry["cond"]), extras])
+    return out
+
+
+def save_dataset(path: Path, data: TrainingSet) -> Path:
+    """Write a TrainingSet (latents, conditionings, settings) to one safetensors file, atomically."""
+    tensors: dict[str, torch.Tensor] = {f"latent.{i}": latent for i, latent in enumerate(data.latents)}
+    layout = {
+        "latents": len(data.latents),
+        "conditionings": [_encode_conditioning(c, f"cond.{i}", tensors) for i, c in enumerate(data.conditionings)],
+        "empty": None if data.empty_conditioning is None else _encode_conditioning(data.empty_conditioning, "empty",
+                                                                                     tensors),
+        "repeats": data.repeats, "caption_dropout": data.caption_dropout, "captions": list(data.captions),
+    }
+    # Private contiguous CPU copies: safetensors refuses views and shared storage.
+    prepared = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+    metadata = {"lycoris_dataset.format": DATASET_FORMAT, "dataset": json.dumps(layout)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save_file(prepared, metadata, path)
+    return path
+
+
+def load_dataset(path: Path) -> TrainingSet:
+    """Read what `save_dataset` wrote; errors name the file."""
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            metadata = fh.metadata() or {}
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except (SafetensorError, OSError) as err:
+        raise JobFileError(f"{path.name}: not a readable safetensors file ({err})") from None
+    if metadata.get("lycoris_dataset.format") != DATASET_FORMAT:
+        raise JobFileError(f"{path.name}: not a job dataset of format {DATASET_FORMAT}")
+    try:
+        layout = json.loads(metadata["dataset"])
+        latents = [tensors[f"latent.{i}"] for i in range(int(layout["latents"]))]
+        conds = [_decode_conditioning(c, tensors, f"{path.name}: cond.{i}")
+                 for i, c in enumerate(layout["conditionings"])]
+        empty = None if layout["empty"] is None else _decode_conditioning(layout["empty"], tensors, f"{path.name}: empty")
+        return TrainingSet(latents, conds, int(layout["repeats"]), float(layout["caption_dropout"]), empty,
+                           list(layout["captions"]))
+    except JobFileError:
+        raise
+    except DatasetError as err:
+        raise JobFileError(f"{path.name}: {err}") from None
+    except (KeyError, TypeError, ValueError) as err:
+        raise JobFileError(f"{path.name}: malformed dataset layout ({type(err).__name__}: {err})") from None
+
+
+# -- job folders ---------------------------------------------------------------------------------
+
+def _atomic_text(final: Path, text: str) -> None:
+    """Write `text` beside `final`, flush it to disk, rename it over `final`."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.{secrets.token_hex(6)}.tmp"
+    try:
+        tmp.write_text(text)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_job(folder: Path, spec: JobSpec, data: TrainingSet, model: ModelRef, name: str = "") -> Path:
+    """Write a job folder (dataset first, job.json last: a folder with job.json is complete); returns job.json."""
+    folder = Path(folder)
+    target = folder / JOB_FILE
+    if target.exists():
+        raise JobFileError(f"{target}: already holds a job; export into a new folder")
+    save_dataset(folder / DATASET_FILE, data)
+    document = {"format": FORMAT, "name": name or spec.output_name, "spec": json.loads(spec.to_json()),
+                "model": model.to_dict(), "dataset": DATASET_FILE}
+    text = json.dumps(document, indent=2, sort_keys=True) + "\n"
+    _atomic_text(target, text)
+    return target
+
+
+def read_job(path: str | os.PathLike[str]) -> JobFolder:
+    """A job folder (or its job.json) -> JobFolder; JobFileError names what is wrong."""
+    path = Path(path)
+    target = path / JOB_FILE if path.is_dir() else path
+    if not target.is_file():
+        raise JobFileError(f"{target}: no job file (export one with the Export LyCORIS Job node)")
+    try:
+        document = json.loads(target.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise JobFileError(f"{target.name}: not valid JSON ({err})") from None
+    if not isinstance(document, dict) or document.get("format") != FORMAT:
+        raise JobFileError(f"{target.name}: format must be '{FORMAT}'")
+    try:
+        spec = JobSpec.from_json(json.dumps(document["spec"]))
+    except (KeyError, TypeError, SpecError) as err:
+        raise JobFileError(f"{target.name}: spec: {err}") from None
+    model = ModelRef.from_dict(document.get("model"))
+    dataset = target.parent / str(document.get("dataset", DATASET_FILE))
+    if not dataset.is_file():
+        raise JobFileError(f"{target.name}: dataset: {dataset} does not exist")
+    return JobFolder(target.parent, str(document.get("name") or spec.output_name), spec, model, dataset)
