@@ -25,7 +25,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def run_model(name: str, repeats: int) -> tuple[list[dict], list[dict]]:
-    from . import adapters, cases, memory, workload
+    from . import adapters, cases, memory, train_cases, workload
 
     start = time.perf_counter()
     ours, core = workload.build(name), workload.build(name)
@@ -35,7 +35,7 @@ def run_model(name: str, repeats: int) -> tuple[list[dict], list[dict]]:
           f"{time.perf_counter() - start:.1f} s", flush=True)
     ctx = cases.Context(ours, core, files, repeats)
     rows = []
-    for case in (cases.bypass_forward, cases.strength_change, cases.sweep, memory.memory):
+    for case in (cases.bypass_forward, cases.strength_change, cases.sweep, memory.memory, train_cases.training):
         start = time.perf_counter()
         rows += case(ctx)
         print(f"[{name}] {case.__name__}: {time.perf_counter() - start:.1f} s", flush=True)

@@ -206,3 +206,8 @@ def detach_from_inference_mode(model: Any) -> None:
             for name, buffer in list(module._buffers.items()):
                 if buffer is not None and buffer.is_inference():
                     module._buffers[name] = buffer.clone()
+
+
+def freeze_base(model: Any) -> None:
+    """No gradients for the base weights (ComfyUI leaves requires_grad on): only adapters train."""
+    model.model.diffusion_model.requires_grad_(False)

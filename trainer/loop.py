@@ -7,7 +7,6 @@ snapshot adapter that Apply LyCORIS can use while training goes on.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from .checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from .checkpointing import gradient_checkpointing
+from .checkpointing import snapshot_saved_tensors
 from .data import TrainingSet
 from .distributed import World
 from .jobs import Job, JobCancelled, JobControl, JobStopped
@@ -130,6 +129,7 @@ def _run_training(job: Job, control: JobControl, patcher: Any, data: TrainingSet
     config = parse_config(spec.config_json)
     device = host.prepare_for_training(patcher)
     host.detach_from_inference_mode(patcher)
+    host.freeze_base(patcher)
     unet_config = host.model_unet_config(patcher)
     plan = plan_for(config, unet_config)
     trainable = TrainableAdapter.from_plan(plan, unet_config, comfy_base_weights(patcher.model.diffusion_model), config,
@@ -160,7 +160,7 @@ def _run_training(job: Job, control: JobControl, patcher: Any, data: TrainingSet
         for group in optimizer.param_groups:
             group["lr"] = lr
         batches = [_next_batch(data, items, order, generator, empty) for _ in range(spec.grad_accumulation)]
-        with torch.enable_grad(), _maybe_checkpointing(patcher, spec.gradient_checkpointing):
+        with torch.enable_grad(), snapshot_saved_tensors():
             result = world.train_step(predict, objective, batches, trainable.parameters(), optimizer, generator,
                                       spec.max_grad_norm or None)
         if not result.finite:
@@ -176,7 +176,3 @@ def _run_training(job: Job, control: JobControl, patcher: Any, data: TrainingSet
     control.publish(trainable.to_loaded(job.name, config), job.checkpoint)
     job.message = f"finished {job.step} steps; adapter saved to {path}"
     return path
-
-
-def _maybe_checkpointing(patcher: Any, enabled: bool) -> contextlib.AbstractContextManager:
-    return gradient_checkpointing(patcher.model.diffusion_model) if enabled else contextlib.nullcontext()
