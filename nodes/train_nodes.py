@@ -178,7 +178,8 @@ class TrainLycoris(io.ComfyNode):
                 io.Combo.Input("dtype", options=list(DTYPES), default="float32",
                                tooltip="dtype of the trained adapter tensors."),
                 io.Boolean.Input("gradient_checkpointing", default=True,
-                                 tooltip="Recompute blocks in backward: less memory (required for Flux blocks)."),
+                                 tooltip="Reserved: recomputing ComfyUI's Flux blocks in backward gives wrong gradients "
+                                         "(they update tensors in place), so activations are kept and copied instead."),
                 io.Int.Input("save_every", default=50, min=1, max=100_000, tooltip="Checkpoint interval in steps."),
                 io.Int.Input("keep_last", default=3, min=1, max=1000, tooltip="Checkpoints kept."),
                 io.Combo.Input("nan_policy", options=list(NAN_POLICIES), default="stop",

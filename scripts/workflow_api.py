@@ -224,7 +224,8 @@ def _outputs(spec: Mapping) -> list[tuple[str, str]]:
     return list(zip(names, spec.get("output", []), strict=False))
 
 
-def _node_size(spec: Mapping) -> list[int]:
+def node_size(spec: Mapping) -> list[int]:
+    """About the size the frontend gives a node of this definition (it grows a node that is too small)."""
     widgets = [config for _, config, _ in ordered_inputs(spec) if is_widget(config)]
     sockets = len(ordered_inputs(spec)) - len(widgets)
     height = 30 + SLOT_H * max(sockets, len(_outputs(spec)), 1)
@@ -253,7 +254,7 @@ def _depths(prompt: Mapping[str, Mapping]) -> dict[str, int]:
     return depth
 
 
-def _widget_value(config: list, value: Any) -> Any:
+def _widget_value(value: Any) -> Any:
     return value["__value__"] if isinstance(value, Mapping) and "__value__" in value else value
 
 
@@ -283,11 +284,6 @@ def _layout(order: list[str], column_of: Mapping[str, int], size_of: Mapping[str
     return pos
 
 
-def node_size(spec: Mapping) -> list[int]:
-    """A size at least what the frontend needs for a node of this definition (it grows smaller ones)."""
-    return _node_size(spec)
-
-
 def api_to_ui(prompt: Mapping[str, Mapping], object_info: Mapping, *, notes: Iterable[Mapping] = (),
               groups: Iterable[Mapping] = (), columns: Mapping[str, int] | None = None,
               sizes: Mapping[str, list] | None = None) -> dict:
@@ -314,7 +310,7 @@ def api_to_ui(prompt: Mapping[str, Mapping], object_info: Mapping, *, notes: Ite
             raise WorkflowError(f"node {nid} ({entry['class_type']}): no such node on this server")
 
     column_of = {nid: columns.get(nid, depth[nid]) for nid in prompt}
-    size_of = {nid: sizes.get(nid) or _node_size(object_info[prompt[nid]["class_type"]]) for nid in prompt}
+    size_of = {nid: sizes.get(nid) or node_size(object_info[prompt[nid]["class_type"]]) for nid in prompt}
     for nid, note in note_by_id.items():
         column_of[nid] = note.get("column", -1)
         size_of[nid] = list(note.get("size", [NODE_WIDTH, 180]))
@@ -345,7 +341,7 @@ def api_to_ui(prompt: Mapping[str, Mapping], object_info: Mapping, *, notes: Ite
                         default = config[0][0] if config[0] else None
                     widgets_values.append(default)
                 else:
-                    widgets_values.append(_widget_value(config, value))
+                    widgets_values.append(_widget_value(value))
                 if stored_values(name, config) == 2:
                     widgets_values.append("fixed" if config[0] == "INT" or _options(config).get("control_after_generate")
                                           else "image")
