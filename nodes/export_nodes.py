@@ -11,11 +11,9 @@ from comfy_api.latest import io, ui
 
 from ..core import host
 from ..core.adapter_set import architecture_key
-from ..core.config import ConfigError, parse_config
 from ..core.tiny import TinySizes
 from ..trainer.jobfile import JobFileError, ModelRef, write_job
-from ..trainer.spec import JobSpec, SpecError
-from .train_nodes import TrainLycoris
+from .train_nodes import TrainLycoris, job_spec
 from .types import TRAIN_CATEGORY
 
 TINY = "tiny (rebuilt from its recipe)"
@@ -105,13 +103,9 @@ class ExportLycorisJob(io.ComfyNode):
     def execute(cls, model, dataset, config, steps, batch_size, grad_accumulation, learning_rate, lr_schedule,
                 warmup_steps, optimizer, seed, dtype, gradient_checkpointing, save_every, keep_last, nan_policy,
                 output_name, base_model, tiny_seed) -> io.NodeOutput:
-        try:
-            parse_config(config.to_json())
-            spec = JobSpec(config.to_json(), steps, batch_size, grad_accumulation, learning_rate, lr_schedule,
-                           warmup_steps, optimizer, seed=seed, dtype=dtype, gradient_checkpointing=gradient_checkpointing,
-                           save_every=save_every, keep_last=keep_last, nan_policy=nan_policy, output_name=output_name)
-        except (SpecError, ConfigError) as err:
-            raise ValueError(f"Export LyCORIS Job: {err}") from None
+        spec = job_spec("Export LyCORIS Job", config, steps, batch_size, grad_accumulation, learning_rate,
+                        lr_schedule, warmup_steps, optimizer, seed, dtype, gradient_checkpointing, save_every,
+                        keep_last, nan_policy, output_name)
         reference = _tiny_ref(model, tiny_seed) if base_model == TINY else _file_ref(model, base_model)
         folder = _job_folder(output_name)
         try:

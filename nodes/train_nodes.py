@@ -135,6 +135,18 @@ class FolderDataset(io.ComfyNode):
         return io.NodeOutput(data, ui=ui.PreviewText(f"{len(data)} items from {folder}"))
 
 
+def job_spec(label: str, config, steps, batch_size, grad_accumulation, learning_rate, lr_schedule, warmup_steps,
+             optimizer, seed, dtype, gradient_checkpointing, save_every, keep_last, nan_policy, output_name) -> JobSpec:
+    """The JobSpec of a training node's inputs; a bad value is a node error naming the field."""
+    try:
+        parse_config(config.to_json())
+        return JobSpec(config.to_json(), steps, batch_size, grad_accumulation, learning_rate, lr_schedule,
+                       warmup_steps, optimizer, seed=seed, dtype=dtype, gradient_checkpointing=gradient_checkpointing,
+                       save_every=save_every, keep_last=keep_last, nan_policy=nan_policy, output_name=output_name)
+    except (SpecError, ConfigError) as err:
+        raise ValueError(f"{label}: {err}") from None
+
+
 def _job_folder(output_name: str, resume: bool) -> Path:
     """output/lycoris_jobs/<name>: reused to resume, otherwise a fresh numbered folder."""
     root = Path(folder_paths.get_output_directory()) / "lycoris_jobs"
@@ -197,13 +209,9 @@ class TrainLycoris(io.ComfyNode):
     def execute(cls, model, dataset, config, steps, batch_size, grad_accumulation, learning_rate, lr_schedule,
                 warmup_steps, optimizer, seed, dtype, gradient_checkpointing, save_every, keep_last, nan_policy,
                 output_name, resume) -> io.NodeOutput:
-        try:
-            parse_config(config.to_json())
-            spec = JobSpec(config.to_json(), steps, batch_size, grad_accumulation, learning_rate, lr_schedule,
-                           warmup_steps, optimizer, seed=seed, dtype=dtype, gradient_checkpointing=gradient_checkpointing,
-                           save_every=save_every, keep_last=keep_last, nan_policy=nan_policy, output_name=output_name)
-        except (SpecError, ConfigError) as err:
-            raise ValueError(f"Train LyCORIS: {err}") from None
+        spec = job_spec("Train LyCORIS", config, steps, batch_size, grad_accumulation, learning_rate, lr_schedule,
+                        warmup_steps, optimizer, seed, dtype, gradient_checkpointing, save_every, keep_last,
+                        nan_policy, output_name)
         folders = Folders(_job_folder(output_name, resume), Path(folder_paths.get_folder_paths("loras")[0]))
         job = job_service.queue().submit(spec, lambda job, control: run_training(job, control, model, dataset,
                                                                                  folders), name=output_name)

@@ -117,14 +117,6 @@ class Built:
         return self.spec.apply(x, self.pristine.weight, self.pristine.bias)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def build(tmp_path_factory):
     cache: dict[str, Built] = {}
