@@ -89,7 +89,7 @@ def _ensure_playwright() -> str | None:
     return None
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # module: a second sync playwright (other test files) cannot start while one runs
 def browser():
     """Headless Debian Chromium driven by playwright; skips (printing why) where none can be installed."""
     why = _ensure_chromium() or _ensure_playwright()
