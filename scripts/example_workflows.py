@@ -266,7 +266,7 @@ def sdxl_attention_lokr() -> dict:
             "FeedForward targets are left out on purpose: on SDXL they can drive the loss to NaN. LyCORIS Plan "
             "lists what the config adapts on this model, resolved as SimpleTuner would.\n\n"
             "The objective follows the model: epsilon prediction for SDXL (v-prediction checkpoints train with "
-            "v), min-SNR optional.")},
+            "v).")},
         {"id": 21, "column": -1, "title": "With a real model", "size": [360, 230], "text": SWAP_SDXL},
     ]
     groups = [

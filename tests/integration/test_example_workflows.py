@@ -8,8 +8,10 @@ runs fewer steps than the shipped workflows (which `make demo` runs as they are)
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -201,63 +203,70 @@ def test_06_loads_a_simpletuner_file(comfy_server, prompts):
 
 CHROMIUM = Path("/usr/bin/chromium")
 
+# Runs in its own process: the browser tests may hold playwright's sync API open in this one.
+FRONTEND = r"""
+import json, sys
+from pathlib import Path
+from playwright.sync_api import sync_playwright
 
-@pytest.fixture(scope="module")
-def page(comfy_server):
-    """The server's own frontend in headless Chromium (tests/browser installs it); skipped without one."""
+url, workflows, shots = sys.argv[1], json.loads(Path(sys.argv[2]).read_text()), Path(sys.argv[3])
+results, errors = {}, []
+with sync_playwright() as pw:
+    browser = pw.chromium.launch(executable_path="/usr/bin/chromium",
+                                 args=["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"])
+    page = browser.new_page(viewport={"width": 1600, "height": 900})
+    page.on("pageerror", lambda err: errors.append(f"{err.name}: {err.message}"))
+    page.goto(url)
+    page.wait_for_function("() => window.comfyAPI?.app?.app?.graph && "
+                           "window.LiteGraph?.registered_node_types?.LycorisTinyLatentPreview", timeout=60_000)
+    dialog = page.locator(".p-dialog", has_text="Templates")  # a first visit opens the template browser
     try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.skip("playwright is not installed (tests/browser installs it)")
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} is missing (tests/browser installs it)")
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM),
-                                     args=["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"])
-        page = browser.new_page(viewport={"width": 1600, "height": 900})
-        errors: list[str] = []
-        page.on("pageerror", lambda err: errors.append(f"{err.name}: {err.message}"))
-        page.goto(comfy_server.url)
-        page.wait_for_function("() => window.comfyAPI?.app?.app?.graph && "
-                               "window.LiteGraph?.registered_node_types?.LycorisTinyLatentPreview", timeout=60_000)
-        dialog = page.locator(".p-dialog", has_text="Templates")  # a first visit opens the template browser
-        try:
-            dialog.wait_for(state="visible", timeout=5_000)
-            dialog.locator("button:has(i.pi-times)").click()
-            dialog.wait_for(state="hidden")
-        except Exception:  # no dialog: nothing to close
-            pass
-        page.errors = errors
-        yield page
-        browser.close()
-
-
-def test_the_frontend_loads_each_workflow_and_queues_the_same_prompt(page, prompts):
-    shots = ARTIFACTS / "workflows"
-    shots.mkdir(parents=True, exist_ok=True)
-    for name in NAMES:
-        result = page.evaluate("""async (wf) => {
+        dialog.wait_for(state="visible", timeout=5_000)
+        dialog.locator("button:has(i.pi-times)").click()
+        dialog.wait_for(state="hidden")
+    except Exception:  # no dialog: nothing to close
+        pass
+    for name, workflow in workflows.items():
+        results[name] = page.evaluate('''async (wf) => {
             const app = window.comfyAPI.app.app;
             await app.loadGraphData(structuredClone(wf), true, true, null);
             const saved = app.graph.serialize();
             const missing = saved.nodes.map((n) => n.type).filter((t) => !window.LiteGraph.registered_node_types[t]);
             const {output} = await app.graphToPrompt();
+            const items = [...app.graph.nodes, ...app.graph.groups];  // the whole workflow in view
+            const x0 = Math.min(...items.map((n) => n.pos[0])), y0 = Math.min(...items.map((n) => n.pos[1] - 40));
+            const x1 = Math.max(...items.map((n) => n.pos[0] + n.size[0]));
+            const y1 = Math.max(...items.map((n) => n.pos[1] + n.size[1]));
+            app.canvas.ds.fitToBounds([x0, y0, x1 - x0, y1 - y0], {zoom: 0.95});
+            app.canvas.setDirty(true, true);
             return {output, missing, widgets: Object.fromEntries(saved.nodes.map((n) => [n.id, n.widgets_values]))};
-        }""", workflow(name))
+        }''', workflow)
+        page.wait_for_timeout(300)
+        page.screenshot(path=str(shots / f"{name}.png"))
+    browser.close()
+print(json.dumps({"results": results, "errors": errors}))
+"""
+
+
+def test_the_frontend_loads_each_workflow_and_queues_the_same_prompt(comfy_server, prompts, tmp_path):
+    """The server's own frontend in headless Chromium (tests/browser installs it); skipped without one."""
+    if importlib.util.find_spec("playwright") is None:
+        pytest.skip("playwright is not installed (tests/browser installs it)")
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is missing (tests/browser installs it)")
+    shots = ARTIFACTS / "workflows"
+    shots.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "workflows.json").write_text(json.dumps({name: workflow(name) for name in NAMES}))
+    done = subprocess.run([sys.executable, "-c", FRONTEND, comfy_server.url, str(tmp_path / "workflows.json"),
+                           str(shots)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    for name in NAMES:
+        result = answer["results"][name]
         assert not result["missing"], f"{name}: the frontend does not know {result['missing']}"
         expected = {i: {"class_type": n["class_type"], "inputs": n["inputs"]} for i, n in prompts[name].items()}
         got = {i: {"class_type": n["class_type"], "inputs": n["inputs"]} for i, n in result["output"].items()}
         assert got == expected, f"{name}: the frontend queues a different prompt"
         for node in workflow(name)["nodes"]:
             assert result["widgets"][str(node["id"])] == node["widgets_values"], f"{name}: node {node['id']} widgets"
-        page.evaluate("""() => {  // the whole workflow in view, for the screenshot
-            const app = window.comfyAPI.app.app, items = [...app.graph.nodes, ...app.graph.groups];
-            const x0 = Math.min(...items.map((n) => n.pos[0])), y0 = Math.min(...items.map((n) => n.pos[1] - 40));
-            const x1 = Math.max(...items.map((n) => n.pos[0] + n.size[0]));
-            const y1 = Math.max(...items.map((n) => n.pos[1] + n.size[1]));
-            app.canvas.ds.fitToBounds([x0, y0, x1 - x0, y1 - y0], {zoom: 0.95});
-            app.canvas.setDirty(true, true);
-        }""")
-        page.wait_for_timeout(300)
-        page.screenshot(path=str(shots / f"{name}.png"))
-    assert not page.errors, page.errors
+    assert not answer["errors"], answer["errors"]
