@@ -15,7 +15,7 @@ import re
 import secrets
 import stat
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -311,20 +311,29 @@ def _check_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
     return dict(metadata)
 
 
-def atomic_save_file(tensors: dict[str, torch.Tensor], metadata: dict[str, str], final: Path) -> None:
-    """Write beside `final`, flush to disk, then rename over it: readers see the old file or the new one."""
+def atomic_write(final: Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` beside `final`, flush to disk, then rename over it: readers see the old file or the new one."""
     tmp = final.parent / f".{final.stem}.{secrets.token_hex(6)}.tmp"
-    open(tmp, "xb").close()  # an ordinary new file's mode (umask applies), unlike mkstemp's 0600
-    mode = stat.S_IMODE(tmp.stat().st_mode)
     try:
-        save_file(tensors, tmp, metadata)
-        os.chmod(tmp, mode)  # safetensors re-creates the file as 0600; saved adapters are shared files
+        write(tmp)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_save_file(tensors: dict[str, torch.Tensor], metadata: dict[str, str], final: Path) -> None:
+    """A safetensors file written atomically, with an ordinary new file's mode (umask applies)."""
+
+    def write(tmp: Path) -> None:
+        open(tmp, "xb").close()  # unlike mkstemp's 0600
+        mode = stat.S_IMODE(tmp.stat().st_mode)
+        save_file(tensors, tmp, metadata)
+        os.chmod(tmp, mode)  # safetensors re-creates the file as 0600; saved adapters are shared files
+
+    atomic_write(final, write)
 
 
 def write_adapter(folder: Path, name: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],

@@ -28,3 +28,17 @@ def module_shapes(network: LycorisNetwork) -> dict[str, dict[str, tuple[int, ...
         m.lora_name: {n: tuple(p.shape) for n, p in m.named_parameters() if not n.startswith("org_")}
         for m in network.loras
     }
+
+
+def save_random_lycoris_file(config: LycorisConfig, model: torch.nn.Module, path, seed: int = 1,
+                             scale: float = 0.2) -> None:
+    """An adapter made and saved by LyCORIS itself on `model`, every parameter random (scale x N(0, 1))."""
+    network = lycoris_network(config, model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for lora in network.loras:
+            for name, p in lora.named_parameters():
+                if not name.startswith("org_"):
+                    p.copy_(scale * torch.randn(p.shape, generator=gen))
+    network.apply_to()  # registers the modules: state_dict() is empty before
+    network.save_weights(str(path), torch.float32, {"lycoris_config": config.to_json()})

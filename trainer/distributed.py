@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from .objectives import Objective
-from .step import Batch, Predict, StepResult, grad_norm, train_step
+from .step import Batch, Predict, StepResult, finish_step, skip_step, train_step
 
 BACKEND_ENV = "LYCORIS_DIST_BACKEND"  # override the backend (default: nccl with CUDA, gloo without)
 _BUCKET = 1 << 24  # gradient elements per all-reduce
@@ -138,20 +138,13 @@ class World:
             loss, share = self._local_loss(predict, objective, batch, generator)
             value = self.sum([float(loss.detach()) * share if loss is not None else 0.0])[0]
             if not math.isfinite(value):
-                return _skip(optimizer, value, f"non-finite loss {value} in micro-batch {i + 1}/{len(batches)}; "
+                return skip_step(optimizer, value, f"non-finite loss {value} in micro-batch {i + 1}/{len(batches)}; "
                                                "optimizer step skipped")
             if loss is not None:
                 (loss * (share / len(batches))).backward()
             total += value / len(batches)
         self.sum_gradients(params)
-        norm = float(grad_norm(params))
-        if not math.isfinite(norm):
-            return _skip(optimizer, total, f"non-finite gradient norm {norm}; optimizer step skipped", norm)
-        if max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return StepResult(total, True, True, norm)
+        return finish_step(optimizer, params, total, max_grad_norm)
 
     def _local_loss(self, predict: Predict, objective: Objective, batch: Batch,
                     generator: torch.Generator) -> tuple[torch.Tensor | None, float]:
@@ -205,10 +198,6 @@ def _buckets(params: Sequence[torch.Tensor]) -> Iterator[list[torch.Tensor]]:
     if bucket:
         yield bucket
 
-
-def _skip(optimizer: torch.optim.Optimizer, loss: float, message: str, norm: float | None = None) -> StepResult:
-    optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss, False, False, norm, message)
 
 
 def init_from_env() -> World:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..core.adapter_file import atomic_save_file
+from ..core.adapter_file import atomic_save_file, atomic_write
 from ..core.tiny import TinySizes
 from .data import DatasetError, TrainingSet
 from .spec import JobSpec, SpecError
@@ -191,17 +190,9 @@ def load_dataset(path: Path) -> TrainingSet:
 # -- job folders ---------------------------------------------------------------------------------
 
 def _atomic_text(final: Path, text: str) -> None:
-    """Write `text` beside `final`, flush it to disk, rename it over `final`."""
+    """Write `text` to `final` atomically (temp file, fsync, rename)."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.{secrets.token_hex(6)}.tmp"
-    try:
-        tmp.write_text(text)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(final, lambda tmp: tmp.write_text(text))
 
 
 def write_job(folder: Path, spec: JobSpec, data: TrainingSet, model: ModelRef, name: str = "") -> Path:

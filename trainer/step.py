@@ -62,7 +62,7 @@ def grad_norm(params: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
 
 
-def _skip(optimizer: torch.optim.Optimizer, loss: float, message: str, norm: float | None = None) -> StepResult:
+def skip_step(optimizer: torch.optim.Optimizer, loss: float, message: str, norm: float | None = None) -> StepResult:
     optimizer.zero_grad(set_to_none=True)
     return StepResult(loss, False, False, norm, message)
 
@@ -84,15 +84,21 @@ def train_step(predict: Predict, objective: Objective, batches: Sequence[Batch],
         loss = batch_loss(predict, objective, batch, generator)
         value = float(loss.detach())
         if not math.isfinite(value):
-            return _skip(optimizer, value, f"non-finite loss {value} in micro-batch {i + 1}/{len(batches)}; "
+            return skip_step(optimizer, value, f"non-finite loss {value} in micro-batch {i + 1}/{len(batches)}; "
                                            "optimizer step skipped")
         (loss / len(batches)).backward()
         total += value / len(batches)
+    return finish_step(optimizer, params, total, max_grad_norm)
+
+
+def finish_step(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor], loss: float,
+                max_grad_norm: float | None) -> StepResult:
+    """After backward: skip on a non-finite gradient norm, else clip and step the optimizer."""
     norm = float(grad_norm(params))
     if not math.isfinite(norm):
-        return _skip(optimizer, total, f"non-finite gradient norm {norm}; optimizer step skipped", norm)
+        return skip_step(optimizer, loss, f"non-finite gradient norm {norm}; optimizer step skipped", norm)
     if max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(total, True, True, norm)
+    return StepResult(loss, True, True, norm)

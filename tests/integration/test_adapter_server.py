@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from lycoris_reference import lycoris_network
+from lycoris_reference import save_random_lycoris_file
 from safetensors.torch import load_file
 
 from comfyenv import REPO
@@ -26,16 +26,7 @@ def adapter_name(comfy_server):
     """A LoKr file made by LyCORIS on the diffusers twin of the tiny model, in the server's loras."""
     config = parse_config((REPO / "configs" / "flux2_lokr.json").read_text())
     model = profile_named("flux2").build_skeleton(unet_config(SIZES), device="cpu")
-    network = lycoris_network(config, model)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for lora in network.loras:
-            for name, p in lora.named_parameters():
-                if not name.startswith("org_"):
-                    p.copy_(0.2 * torch.randn(p.shape, generator=gen))
-    network.apply_to()
-    network.save_weights(str(comfy_server.base / "models" / "loras" / "tiny_lokr.safetensors"), torch.float32,
-                         {"lycoris_config": config.to_json()})
+    save_random_lycoris_file(config, model, comfy_server.base / "models" / "loras" / "tiny_lokr.safetensors")
     return "tiny_lokr.safetensors"
 
 
