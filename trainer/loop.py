@@ -27,13 +27,14 @@ from .checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from .checkpointing import snapshot_saved_tensors
+from .checkpointing import memory_mode
 from .data import TrainingSet
 from .distributed import World
 from .jobs import Job, JobCancelled, JobControl, JobStopped
+from .objectives import Objective
 from .optimizers import build_optimizer
 from .predict import ComfyPredictor, encode_conditioning, model_space_latents, objective_for_model, stack_conditioning
-from .step import Batch
+from .step import Batch, StepResult
 from .trainable import TrainableAdapter, comfy_base_weights
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -56,6 +57,21 @@ class _Run:
     folders: Folders
     config: Any
     world: World
+
+
+def training_step(predict: ComfyPredictor, objective: Objective, batches: list[Batch], optimizer: torch.optim.Optimizer,
+                  generator: torch.Generator, *, checkpointing: bool, max_grad_norm: float | None = None,
+                  world: World | None = None) -> StepResult:
+    """One optimizer step exactly as a job runs it (the bench times this very function).
+
+    Autograd on (jobs run on threads where ComfyUI may have turned it off), the model's blocks
+    checkpointed exactly or every saved activation kept (`checkpointing`), then the step itself:
+    noise, forward with the trainable adapter in bypass, loss, backward, clip, optimizer step.
+    """
+    world = world or World()
+    params = predict.trainable.parameters()
+    with torch.enable_grad(), memory_mode(predict.base_model.diffusion_model, checkpointing):
+        return world.train_step(predict, objective, batches, params, optimizer, generator, max_grad_norm)
 
 
 def _encoded_items(patcher: Any, data: TrainingSet, device: torch.device, guidance: float) -> list[tuple]:
@@ -160,9 +176,9 @@ def _run_training(job: Job, control: JobControl, patcher: Any, data: TrainingSet
         for group in optimizer.param_groups:
             group["lr"] = lr
         batches = [_next_batch(data, items, order, generator, empty) for _ in range(spec.grad_accumulation)]
-        with torch.enable_grad(), snapshot_saved_tensors():
-            result = world.train_step(predict, objective, batches, trainable.parameters(), optimizer, generator,
-                                      spec.max_grad_norm or None)
+        result = training_step(predict, objective, batches, optimizer, generator,
+                               checkpointing=spec.gradient_checkpointing, max_grad_norm=spec.max_grad_norm or None,
+                               world=world)
         if not result.finite:
             if spec.nan_policy == "stop":
                 kept = f"; last good checkpoint kept: {job.checkpoint}" if job.checkpoint else ""

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import zlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -189,12 +189,15 @@ class TrainableAdapter:
     def parameters(self) -> list[torch.Tensor]:
         return list(self.named_parameters().values())
 
-    def application(self, strength: float = 1.0) -> Application:
-        """A fresh runtime Application (one per model call: no weight cache outlives a graph)."""
+    def application(self, strength: float | Sequence[float] = 1.0) -> Application:
+        """A fresh runtime Application (one per model call: no weight cache outlives a graph).
+
+        `strength`: one number, or one per sample (sample i uses strength[i % len]), as in A/B."""
         by_module: dict[str, list[ModuleBinding]] = {}
         for binding in self.bindings.values():
             by_module.setdefault(binding.route.comfy_module, []).append(binding)
-        return Application("training", by_module, (float(strength),), self.tlora)
+        strengths = tuple(float(s) for s in strength) if isinstance(strength, Sequence) else (float(strength),)
+        return Application("training", by_module, strengths, self.tlora)
 
     def comfy_modules(self) -> list[str]:
         """ComfyUI module paths that need the runtime hook (`core.runtime.install_hooks`)."""
