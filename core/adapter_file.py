@@ -18,7 +18,7 @@ import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 
 from .config import ConfigError, LycorisConfig, parse_config
 from .families import Route
+from .paths import PathNameError, free_name, numbered_name, resolve_inside, safe_relative_name
 
 SUFFIX = ".safetensors"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
@@ -33,8 +34,8 @@ CONFIG_KEY = "lycoris_config"  # the metadata key SimpleTuner writes (json.dumps
 PACK_PREFIX = "lycoris_pack."  # our own metadata keys, namespaced so no other tool's keys collide
 DEFAULT_LORA_PREFIX = "lycoris"
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
-_BAD_NAME_CHARS = '<>:"|?*'  # not allowed in Windows file names (":" would also open an NTFS stream)
-_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
+OUTPUT_FOLDER = "the output folder"
+T = TypeVar("T")
 
 
 class AdapterFileError(ValueError):
@@ -200,6 +201,8 @@ def _parse_metadata_config(metadata: Mapping[str, str]) -> tuple[LycorisConfig |
         raw = json.loads(text)
     except json.JSONDecodeError as err:
         return None, None, [f"{CONFIG_KEY} metadata is not valid JSON ({err.msg}); settings unknown"]
+    except RecursionError:
+        return None, None, [f"{CONFIG_KEY} metadata is nested too deeply to be a config; settings unknown"]
     if not isinstance(raw, dict):
         return None, None, [f"{CONFIG_KEY} metadata is not a JSON object; settings unknown"]
     try:
@@ -243,52 +246,32 @@ def match_modules(adapter: AdapterFile, routes: Mapping[str, Route]) -> ModuleMa
 
 # -- names and writing --
 
-def _name_parts(name: str) -> list[str]:
-    """User text -> safe relative path parts (subfolders allowed); AdapterFileError saying what is wrong."""
-    if not isinstance(name, str) or not name.strip():
-        raise AdapterFileError("name: must not be empty")
-    text = name.strip().replace("\\", "/")
-    if any(ord(c) < 32 for c in text):
-        raise AdapterFileError(f"name {name!r}: control characters are not allowed")
-    if text.startswith("/") or re.match(r"^[A-Za-z]:", text):
-        raise AdapterFileError(f"name {name!r}: must be relative to the output folder, not an absolute path")
-    if text.lower().endswith(SUFFIX):
-        text = text[: -len(SUFFIX)]
-    parts = [p for p in text.split("/") if p not in ("", ".")]
-    if not parts:
-        raise AdapterFileError(f"name {name!r}: must not be empty")
-    for part in parts:
-        if part == "..":
-            raise AdapterFileError(f"name {name!r}: '..' is not allowed; names stay inside the output folder")
-        bad = [c for c in _BAD_NAME_CHARS if c in part]
-        if bad:
-            raise AdapterFileError(f"name {name!r}: the character {bad[0]!r} is not allowed in file names")
-        if part.startswith(".") or part.endswith((".", " ")):
-            raise AdapterFileError(f"name {name!r}: a name part may not start with a dot or end with a dot or space")
-        if part.split(".")[0].lower() in _RESERVED:
-            raise AdapterFileError(f"name {name!r}: '{part}' is a reserved device name on Windows")
-        if len(part) > 200:
-            raise AdapterFileError(f"name {name!r}: a name part may have at most 200 characters")
-    return parts
+class AdapterNameError(AdapterFileError, PathNameError):
+    """A name for an adapter file that is unsafe (see core.paths); both error types catch it."""
 
 
-def _inside(root: Path, path: Path, name: str) -> Path:
-    """`path` with symlinks resolved, if it is still inside `root`."""
-    resolved = path.resolve()
-    if not resolved.is_relative_to(root):
-        raise AdapterFileError(f"name {name!r}: resolves outside the output folder (through a symbolic link)")
-    return resolved
+def _named(call: Callable[[], T]) -> T:
+    try:
+        return call()
+    except PathNameError as err:
+        if isinstance(err, AdapterFileError):
+            raise
+        raise AdapterNameError(str(err)) from None
 
 
-def resolve_in_folder(folder: str | os.PathLike[str], name: str) -> Path:
-    """The `.safetensors` path a user's `name` means inside `folder`; never outside it, even via symlinks."""
+def resolve_in_folder(folder: str | os.PathLike[str], name: str, input_name: str = "name") -> Path:
+    """The `.safetensors` path a user's `name` means inside `folder`; never outside it, even via symlinks.
+
+    The final file may not itself be a symbolic link (writes replace files, not link targets).
+    """
     root = Path(folder).resolve()
-    parts = _name_parts(name)
+    clean = _named(lambda: safe_relative_name(name, input_name, SUFFIX))
+    parts = clean.split("/")
     candidate = root.joinpath(*parts[:-1], parts[-1] + SUFFIX)
     if candidate.is_symlink():
-        raise AdapterFileError(f"name {name!r}: {candidate.name} is a symbolic link; not writing through it")
-    _inside(root, candidate.parent, name)
-    return candidate
+        raise AdapterNameError(f"{input_name}: {candidate.name} is a symbolic link (got {name!r}); "
+                               "not writing through it, pick another name")
+    return _named(lambda: resolve_inside(root, clean, input_name, suffix=SUFFIX, where=OUTPUT_FOLDER))
 
 
 def _prepare_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -337,11 +320,15 @@ def atomic_save_file(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
 
 
 def write_adapter(folder: Path, name: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
-                  overwrite: bool = False) -> Path:
-    """Save an adapter as `folder/name.safetensors` (subfolders allowed, never outside `folder`); returns the path."""
+                  overwrite: bool = False, input_name: str = "name") -> Path:
+    """Save an adapter as `folder/name.safetensors` (subfolders allowed, never outside `folder`); returns the path.
+
+    Name errors start with `input_name` (the node input the name came from).
+    """
     root = Path(folder)
+    resolve_in_folder(root, name, input_name)  # refuse a bad name before creating anything
     root.mkdir(parents=True, exist_ok=True)
-    final = resolve_in_folder(root, name)
+    final = resolve_in_folder(root, name, input_name)
     shown = final.relative_to(root.resolve()).as_posix()
     if final.exists() and not overwrite:
         raise AdapterFileError(f"{shown}: already exists; choose another name or allow overwriting")
@@ -349,19 +336,19 @@ def write_adapter(folder: Path, name: str, tensors: Mapping[str, torch.Tensor], 
         raise AdapterFileError(f"{shown}: exists and is not a file")
     prepared, meta = _prepare_tensors(tensors), _check_metadata(metadata)
     final.parent.mkdir(parents=True, exist_ok=True)
-    _inside(root.resolve(), final.parent, name)  # again, now that the folders exist
+    final = resolve_in_folder(root, name, input_name)  # again, now that the folders exist
     atomic_save_file(prepared, meta, final)
     return final
 
 
-def next_free_name(folder: str | os.PathLike[str], prefix: str) -> str:
-    """`prefix_00001`, `prefix_00002`, ...: the next name no file in `folder` has (ComfyUI savers' counter)."""
-    parts = _name_parts(prefix)
-    root = Path(folder).resolve()
-    directory = _inside(root, root.joinpath(*parts[:-1]), prefix)
-    pattern = re.compile(re.escape(parts[-1]) + r"_(\d{5,})" + re.escape(SUFFIX) + "$", re.IGNORECASE)
-    found = [int(m.group(1)) for p in (directory.iterdir() if directory.is_dir() else ()) if (m := pattern.match(p.name))]
-    return "/".join([*parts[:-1], f"{parts[-1]}_{max(found, default=0) + 1:05d}"])
+def next_free_name(folder: str | os.PathLike[str], prefix: str, input_name: str = "name") -> str:
+    """`prefix_00001`, `prefix_00002`, ...: one more than the highest counter in `folder` (core.paths)."""
+    return _named(lambda: numbered_name(folder, prefix, input_name, suffix=SUFFIX, where=OUTPUT_FOLDER))
+
+
+def free_adapter_name(folder: str | os.PathLike[str], name: str, input_name: str = "name") -> str:
+    """`name` itself if no file has it, else the next `name_00001`, ... (core.paths.free_name)."""
+    return _named(lambda: free_name(folder, name, input_name, suffix=SUFFIX, where=OUTPUT_FOLDER))
 
 
 def _meta_value(value: Any) -> str:

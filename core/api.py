@@ -9,12 +9,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from numbers import Real
 from pathlib import Path
 from typing import Any
 
 from . import host
-from .adapter_file import adapter_metadata, next_free_name, resolve_in_folder, write_adapter
+from .adapter_file import adapter_metadata, free_adapter_name, write_adapter
 from .adapter_set import AdapterMismatchError, LoadedAdapter, architecture_key, load
 from .merge import merge_patches
 
@@ -32,20 +34,37 @@ def _check_fits(model: Any, adapter: LoadedAdapter) -> None:
             "load it against this model")
 
 
+class StrengthError(ValueError):
+    """A strength that is not a finite number; the message starts with the input's name."""
+
+
+def check_strength(value: Any, input_name: str = "strength") -> float:
+    """`value` as a float, or StrengthError: NaN and infinities are refused (ComfyUI's range check lets NaN by)."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise StrengthError(f"{input_name}: must be a finite number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value):
+        raise StrengthError(f"{input_name}: must be a finite number, got {float(value)}")
+    return float(value)
+
+
 def apply(model: Any, adapter: LoadedAdapter, strength: float) -> Any:
     """A clone of `model` running `adapter` at `strength` (bypass)."""
-    return apply_sweep(model, adapter, (strength,))
+    return apply_sweep(model, adapter, (check_strength(strength),))
 
 
 def apply_sweep(model: Any, adapter: LoadedAdapter, strengths: Sequence[float]) -> Any:
     """A clone where latent sample i (of each CFG chunk) uses strengths[i % len(strengths)]."""
+    values = tuple(check_strength(s, "strengths" if len(strengths) > 1 else "strength") for s in strengths)
+    if not values:
+        raise StrengthError("strengths: give at least one strength")
     _check_fits(model, adapter)
-    return host.attach_application(model, adapter.application(tuple(float(s) for s in strengths)))
+    return host.attach_application(model, adapter.application(values))
 
 
 def merge(model: Any, adapter: LoadedAdapter, strength: float, tlora_timestep: int | None = None
           ) -> tuple[Any, list[str]]:
     """A clone of `model` with strength x ΔW patched in (ComfyUI restores the base on unpatch)."""
+    strength = check_strength(strength)
     _check_fits(model, adapter)
     params = dict(model.model.diffusion_model.named_parameters())
     patches, warnings = merge_patches(adapter, strength, lambda key: host.comfy_weight(model, key),
@@ -62,19 +81,22 @@ def adapter_tensors(adapter: LoadedAdapter) -> dict:
     return out
 
 
-def save_adapter(adapter: LoadedAdapter, folder: str | Path, name: str, overwrite: bool = False) -> Path:
+def save_adapter(adapter: LoadedAdapter, folder: str | Path, name: str, overwrite: bool = False,
+                 input_name: str = "name") -> Path:
     """Write `adapter` as a LyCORIS/SimpleTuner .safetensors file inside `folder` (atomic).
 
     An existing file is replaced only with `overwrite`; otherwise the next free `name_00001` is used.
+    An unsafe `name` (core.paths) raises an error starting with `input_name` before anything is written.
     """
-    if not overwrite and resolve_in_folder(folder, name).exists():
-        name = next_free_name(folder, name)
+    if not overwrite:
+        name = free_adapter_name(folder, name, input_name)
     config_json = adapter.config.to_json() if adapter.config is not None else adapter.metadata.get("lycoris_config", "{}")
     extra = {}
     if adapter.tlora is not None:
         extra.update(tlora_min_rank=adapter.tlora.min_rank, tlora_alpha=adapter.tlora.alpha)
     metadata = adapter_metadata(config_json, adapter.family, ",".join(adapter.algos), extra)
-    return write_adapter(Path(folder), name, adapter_tensors(adapter), metadata, overwrite=overwrite)
+    return write_adapter(Path(folder), name, adapter_tensors(adapter), metadata, overwrite=overwrite,
+                         input_name=input_name)
 
 
 def describe(adapter: LoadedAdapter) -> str:

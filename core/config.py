@@ -235,14 +235,41 @@ class LycorisConfig:
         return json.dumps(self.source, sort_keys=True)
 
 
+MAX_DEPTH = 16  # nesting levels of objects and lists; a config needs 4 (apply_preset.module_algo_map.<Class>.<key>)
+_TOO_DEEP = f"nested more than {MAX_DEPTH} levels deep; a LyCORIS config needs at most 4"
+
+
+def _child(path: str, key: Any, depth: int) -> str:
+    """The field path shown in messages: `apply_preset.module_algo_map.Attention` (four levels at most)."""
+    if depth == 0:
+        return str(key)
+    return f"{path}.{key}" if depth < 4 else path
+
+
+def _check_depth(data: Any) -> None:
+    """Refuse deep nesting before anything recurses into it (json, deepcopy, repr), without recursing ourselves."""
+    stack = [(data, "config", 0)]
+    while stack:
+        value, path, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ConfigError(f"{path}: {_TOO_DEEP}")
+        if isinstance(value, Mapping):
+            stack.extend((v, _child(path, k, depth), depth + 1) for k, v in value.items())
+        elif isinstance(value, (list, tuple)):
+            stack.extend((v, path, depth + 1) for v in value)
+
+
 def load_json(text: str) -> dict:
     """Parse config text; malformed JSON is reported with its line and column."""
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
         raise ConfigError(f"config: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
+    except RecursionError:  # json's C parser stops at Python's recursion limit
+        raise ConfigError(f"config: {_TOO_DEEP}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config: must be a JSON object, got {type(data).__name__}")
+    _check_depth(data)
     return data
 
 
@@ -311,6 +338,9 @@ def _required(data: dict, full_matrix: bool) -> None:
 
 def parse_config(source: str | Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> LycorisConfig:
     """Validate a SimpleTuner LyCORIS config (JSON text or dict) with optional top-level overrides."""
+    if not isinstance(source, str):
+        _check_depth(source)
+    _check_depth(overrides or {})
     data = load_json(source) if isinstance(source, str) else copy.deepcopy(dict(source))
     data.update(overrides or {})
     warnings: list[str] = []

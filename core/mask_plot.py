@@ -325,12 +325,12 @@ def render_mask_plot(rank: int, min_rank: int, alphas: Sequence[float], schedule
     return MaskPlot(pixels.float().div(255.0).unsqueeze(0), format_table(rank, min_rank, alphas, schedule), area)
 
 
-def parse_alphas(text: str) -> list[float]:
-    """Extra alphas from text such as "0.5, 2" (commas or spaces); ValueError naming a bad entry."""
+def parse_alphas(text: str, field: str = "compare_alphas") -> list[float]:
+    """Extra alphas from text such as "0.5, 2" (commas or spaces); ValueError naming `field` and a bad entry."""
     values = []
     for token in text.replace(",", " ").split():
         try:
             values.append(float(token))
         except ValueError:
-            raise ValueError(f"compare_alphas: '{token}' is not a number") from None
+            raise ValueError(f"{field}: '{token}' is not a number") from None
     return values

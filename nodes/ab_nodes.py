@@ -9,6 +9,17 @@ from ..core.grid import parse_strengths, strength_grid, sweep_latent
 from .types import CATEGORY, LycorisAdapter
 
 
+def check_strengths_input(strengths) -> bool | str:
+    """validate_inputs for a strengths list: each a finite number in -10..10. None: linked, checked at run."""
+    if strengths is None:
+        return True
+    try:
+        parse_strengths(strengths)
+    except ValueError as err:
+        return str(err)
+    return True
+
+
 class LycorisAB(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -36,6 +47,10 @@ class LycorisAB(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, strengths) -> bool | str:
+        return check_strengths_input(strengths)
+
+    @classmethod
     def execute(cls, model, adapter, strengths, latent) -> io.NodeOutput:
         values = parse_strengths(strengths)
         text = ", ".join(f"{v:g}" for v in values)
@@ -56,6 +71,10 @@ class StrengthGrid(io.ComfyNode):
             ],
             outputs=[io.Image.Output(tooltip="The labelled grid.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, strengths) -> bool | str:
+        return check_strengths_input(strengths)
 
     @classmethod
     def execute(cls, images, strengths) -> io.NodeOutput:

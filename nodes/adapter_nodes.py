@@ -6,9 +6,37 @@ import folder_paths
 from comfy_api.latest import io, ui
 
 from ..core import api
+from ..core.adapter_file import SUFFIX
+from ..core.paths import PathNameError, safe_relative_name
 from .types import CATEGORY, LycorisAdapter
 
 STRENGTH = dict(default=1.0, min=-10.0, max=10.0, step=0.05)
+
+
+def check_strength_input(strength) -> bool | str:
+    """validate_inputs for a strength widget: finite and in range (ComfyUI's own check lets NaN by, and
+    is skipped for inputs a node validates itself). None: linked, checked when the node runs."""
+    if strength is None:
+        return True
+    try:
+        value = api.check_strength(strength)
+    except ValueError as err:
+        return str(err)
+    if not STRENGTH["min"] <= value <= STRENGTH["max"]:
+        return f"strength: must be between {STRENGTH['min']:g} and {STRENGTH['max']:g}, got {value:g}"
+    return True
+
+
+def check_name_input(value, input_name: str, suffix: str | None = None) -> bool | str:
+    """validate_inputs for a name widget (core.paths rules), so a bad name refuses the prompt before any node
+    runs. None: linked, checked when the node runs."""
+    if value is None:
+        return True
+    try:
+        safe_relative_name(value, input_name, suffix)
+    except PathNameError as err:
+        return str(err)
+    return True
 
 
 def _lora_files() -> list[str]:
@@ -68,6 +96,10 @@ class ApplyLycoris(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, strength) -> bool | str:
+        return check_strength_input(strength)
+
+    @classmethod
     def execute(cls, model, adapter, strength) -> io.NodeOutput:
         return io.NodeOutput(api.apply(model, adapter, strength))
 
@@ -95,6 +127,10 @@ class MergeLycoris(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, strength) -> bool | str:
+        return check_strength_input(strength)
+
+    @classmethod
     def execute(cls, model, adapter, strength, tlora_timestep) -> io.NodeOutput:
         merged, warnings = api.merge(model, adapter, strength, None if tlora_timestep < 0 else tlora_timestep)
         return io.NodeOutput(merged, ui=ui.PreviewText("\n".join(warnings) or "merged"))
@@ -115,7 +151,8 @@ class SaveLycoris(io.ComfyNode):
             inputs=[
                 LycorisAdapter.Input("adapter", tooltip="The adapter to write."),
                 io.String.Input("filename", default="lycoris/adapter",
-                                tooltip="Name inside the folder (subfolders allowed, no '..'); .safetensors is added."),
+                                tooltip="Name inside the folder, like 'folder/name' (no '..', no absolute path, no "
+                                        "hidden or Windows-reserved names); .safetensors is added."),
                 io.Combo.Input("folder", options=["loras", "output"], default="loras",
                                tooltip="models/loras (ready for Load LyCORIS) or ComfyUI's output folder."),
                 io.Boolean.Input("overwrite", default=False,
@@ -126,9 +163,13 @@ class SaveLycoris(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, filename) -> bool | str:
+        return check_name_input(filename, "filename", SUFFIX)
+
+    @classmethod
     def execute(cls, adapter, filename, folder, overwrite) -> io.NodeOutput:
         root = folder_paths.get_folder_paths("loras")[0] if folder == "loras" else folder_paths.get_output_directory()
-        path = api.save_adapter(adapter, root, filename, overwrite=overwrite)
+        path = api.save_adapter(adapter, root, filename, overwrite=overwrite, input_name="filename")
         return io.NodeOutput(str(path), ui=ui.PreviewText(f"saved {path}"))
 
 

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import torch
 from comfy_api.latest import io
 
 from ..core import host
+from ..core.dtypes import TORCH_DTYPES
 from ..core.tiny import FAMILIES, TinyModelError, TinySizes, pattern_latents
 from .types import DEV_CATEGORY
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class TinyModel(io.ComfyNode):
@@ -39,7 +37,7 @@ class TinyModel(io.ComfyNode):
                              tooltip="Width of the text embedding the model takes (use the same in Tiny Text Encode)."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
                              tooltip="Seed of the random weights: same seed, same model, on any machine."),
-                io.Combo.Input("dtype", options=list(_DTYPES), default="float32",
+                io.Combo.Input("dtype", options=list(TORCH_DTYPES), default="float32",
                                tooltip="Storage dtype of the weights."),
             ],
             outputs=[io.Model.Output(tooltip="The tiny model, usable by any MODEL input.")],
@@ -50,7 +48,7 @@ class TinyModel(io.ComfyNode):
         sizes = TinySizes(family=family, width=width, heads=heads, depth=depth,
                           single_depth=single_depth, context_dim=context_dim, seed=seed)
         try:
-            model = host.build_tiny_model(sizes, _DTYPES[dtype])
+            model = host.build_tiny_model(sizes, TORCH_DTYPES[dtype])
         except TinyModelError as err:
             raise ValueError(f"Tiny Model: {err}") from None
         return io.NodeOutput(model)

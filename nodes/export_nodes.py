@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+import shutil
 from pathlib import Path
 
 import folder_paths
@@ -11,8 +12,11 @@ from comfy_api.latest import io, ui
 
 from ..core import host
 from ..core.adapter_set import architecture_key
+from ..core.paths import PathNameError
 from ..core.tiny import TinySizes
+from ..trainer.job_folders import reserve_folder
 from ..trainer.jobfile import JobFileError, ModelRef, write_job
+from ..trainer.spec import SpecError, check_output_name
 from .train_nodes import TrainLycoris, job_spec
 from .types import TRAIN_CATEGORY
 
@@ -64,13 +68,13 @@ def _file_ref(model, base_model: str) -> ModelRef:
 
 
 def _job_folder(name: str) -> Path:
-    """output/lycoris_jobs/<name>, or <name>_00001, ... when that folder is already used."""
+    """A fresh folder output/lycoris_jobs/<name>, or <name>_00001, ... (created now, so no Train job or other
+    export shares it; the same counter as Train's job folders); never outside output/lycoris_jobs."""
     root = Path(folder_paths.get_output_directory()) / "lycoris_jobs"
-    folder, n = root / name, 0
-    while folder.exists() and any(folder.iterdir()):
-        n += 1
-        folder = root / f"{name}_{n:05d}"
-    return folder
+    try:
+        return reserve_folder(root, name)
+    except (PathNameError, OSError) as err:
+        raise ValueError(f"Export LyCORIS Job: {err}") from None
 
 
 class ExportLycorisJob(io.ComfyNode):
@@ -100,18 +104,32 @@ class ExportLycorisJob(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, output_name) -> bool | str:
+        """A bad output_name refuses the prompt before any node runs (None: linked, checked at run)."""
+        if output_name is None:
+            return True
+        try:
+            check_output_name(output_name)
+        except SpecError as err:
+            return str(err)
+        return True
+
+    @classmethod
     def execute(cls, model, dataset, config, steps, batch_size, grad_accumulation, learning_rate, lr_schedule,
                 warmup_steps, optimizer, seed, dtype, gradient_checkpointing, save_every, keep_last, nan_policy,
                 output_name, base_model, tiny_seed) -> io.NodeOutput:
         spec = job_spec("Export LyCORIS Job", config, steps, batch_size, grad_accumulation, learning_rate,
                         lr_schedule, warmup_steps, optimizer, seed, dtype, gradient_checkpointing, save_every,
                         keep_last, nan_policy, output_name)
-        reference = _tiny_ref(model, tiny_seed) if base_model == TINY else _file_ref(model, base_model)
-        folder = _job_folder(output_name)
+        folder = _job_folder(output_name)  # refuses a folder that leads outside before any work
         try:
+            reference = _tiny_ref(model, tiny_seed) if base_model == TINY else _file_ref(model, base_model)
             write_job(folder, spec, dataset, reference, name=output_name)
-        except JobFileError as err:
-            raise ValueError(f"Export LyCORIS Job: {err}") from None
+        except BaseException as err:
+            shutil.rmtree(folder, ignore_errors=True)  # the folder was made for this export only
+            if isinstance(err, JobFileError):
+                raise ValueError(f"Export LyCORIS Job: {err}") from None
+            raise
         quoted = shlex.quote(str(folder))
         text = (f"job written to {folder}\nfrom the pack's folder run:\n  python -m trainer run {quoted}\n"
                 f"  torchrun --nproc_per_node=8 -m trainer run {quoted}")

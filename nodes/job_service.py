@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import logging
 import threading
+from pathlib import Path
 
-from ..trainer.jobs import JobError, JobQueue
+from ..trainer.jobs import JobError, JobQueue, jobs_on_disk
 
 log = logging.getLogger("lycoris.trainer")
 _lock = threading.Lock()
@@ -53,11 +54,20 @@ class waiting_for_job:
             _waiting -= 1
 
 
+def _history() -> list:
+    """Jobs recorded in output/lycoris_jobs by earlier runs of the server (after a restart)."""
+    try:
+        import folder_paths
+    except ImportError:  # no ComfyUI (unit tests)
+        return []
+    return jobs_on_disk(Path(folder_paths.get_output_directory()) / "lycoris_jobs")
+
+
 def queue() -> JobQueue:
     global _queue
     with _lock:
         if _queue is None:
-            _queue = JobQueue(emit=_emit, busy=_busy)
+            _queue = JobQueue(emit=_emit, busy=_busy, history=_history())
         return _queue
 
 

@@ -3,7 +3,9 @@ and LyCORIS Job (wait for it, or take its latest checkpoint)."""
 
 from __future__ import annotations
 
+import functools
 import time
+import uuid
 from pathlib import Path
 
 import folder_paths
@@ -11,10 +13,13 @@ from comfy_api.latest import io, ui
 
 from ..core.config import ConfigError, parse_config
 from ..core.loss_plot import loss_curve
+from ..core.paths import resolve_inside
+from ..trainer.checkpoint import list_checkpoints
 from ..trainer.data import DatasetError, encoded_set, folder_items, from_latent_batch, load_image, split_captions
+from ..trainer.job_folders import newest_folder, reserve_folder
 from ..trainer.jobs import ACTIVE
 from ..trainer.loop import Folders, run_training
-from ..trainer.spec import DTYPES, NAN_POLICIES, OPTIMIZERS, SCHEDULES, JobSpec, SpecError
+from ..trainer.spec import DTYPES, NAN_POLICIES, OPTIMIZERS, SCHEDULES, JobSpec, SpecError, check_output_name
 from . import job_service
 from .types import TRAIN_CATEGORY, LycorisAdapter, LycorisConfig, LycorisDataset, LycorisJob
 
@@ -122,10 +127,8 @@ class FolderDataset(io.ComfyNode):
 
     @classmethod
     def execute(cls, folder, vae, clip, repeats, caption_dropout) -> io.NodeOutput:
-        root = Path(folder_paths.get_input_directory()).resolve()
-        path = (root / folder).resolve()
-        if root != path and root not in path.parents:
-            raise ValueError(f"folder: '{folder}' is outside ComfyUI's input folder")
+        path = resolve_inside(folder_paths.get_input_directory(), folder, "folder", new=False,
+                              where="ComfyUI's input folder")
         try:
             items = folder_items(str(path))
             images = [load_image(p) for p, _ in items]
@@ -147,16 +150,41 @@ def job_spec(label: str, config, steps, batch_size, grad_accumulation, learning_
         raise ValueError(f"{label}: {err}") from None
 
 
-def _job_folder(output_name: str, resume: bool) -> Path:
-    """output/lycoris_jobs/<name>: reused to resume, otherwise a fresh numbered folder."""
-    root = Path(folder_paths.get_output_directory()) / "lycoris_jobs"
-    folder = root / output_name
-    if resume or not folder.exists() or not any(folder.iterdir()):
-        return folder
-    n = 1
-    while (root / f"{output_name}_{n:05d}").exists():
-        n += 1
-    return root / f"{output_name}_{n:05d}"
+def jobs_root() -> Path:
+    """Where job folders live: ComfyUI's output folder / lycoris_jobs."""
+    return Path(folder_paths.get_output_directory()) / "lycoris_jobs"
+
+
+def job_folder(output_name: str, resume: bool, steps: int) -> tuple[Path, str]:
+    """The folder a new job owns (reserved now) or, with resume, the newest job's of that name; and a note.
+
+    A resumed job that is still queued or running, or already complete, is a node error.
+    """
+    root = jobs_root()
+    if resume:
+        folder = newest_folder(root, output_name)
+        if folder is not None:
+            running = job_service.queue().active_in(folder)
+            if running is not None:
+                raise ValueError(f"resume: job {running.id} is still {running.state} in {folder.name}; "
+                                 "cancel it or wait for it before resuming")
+            done = list_checkpoints(folder)
+            if done and done[-1][0] >= steps:
+                raise ValueError(f"resume: the job in {folder.name} is already complete (step {done[-1][0]} of "
+                                 f"{steps}); nothing changed. Raise steps to train it further")
+            latest = f"latest checkpoint: step {done[-1][0]}" if done else "no checkpoint yet: starts at step 0"
+            return folder, f"resumes {folder.name} ({latest})"
+    try:
+        folder = reserve_folder(root, output_name)
+    except OSError as err:
+        raise ValueError(str(err)) from None
+    note = "resume: no earlier job of this name, starts at step 0" if resume else "new job"
+    return folder, f"{note}; folder {folder.name}"
+
+
+def _train(spec: JobSpec, name: str, model, dataset, folders: Folders, resume: bool, control) -> str:
+    """A job's work: the training loop with the queue's control as its reporter."""
+    return run_training(spec, name, model, dataset, folders, control, resume=resume).message
 
 
 class TrainLycoris(io.ComfyNode):
@@ -190,8 +218,8 @@ class TrainLycoris(io.ComfyNode):
                 io.Combo.Input("dtype", options=list(DTYPES), default="float32",
                                tooltip="dtype of the trained adapter tensors."),
                 io.Boolean.Input("gradient_checkpointing", default=True,
-                                 tooltip="Reserved: recomputing ComfyUI's Flux blocks in backward gives wrong gradients "
-                                         "(they update tensors in place), so activations are kept and copied instead."),
+                                 tooltip="On: recompute each block in backward (exact; memory near the base model's "
+                                         "forward). Off: keep every activation (faster, much more memory)."),
                 io.Int.Input("save_every", default=50, min=1, max=100_000, tooltip="Checkpoint interval in steps."),
                 io.Int.Input("keep_last", default=3, min=1, max=1000, tooltip="Checkpoints kept."),
                 io.Combo.Input("nan_policy", options=list(NAN_POLICIES), default="stop",
@@ -199,7 +227,8 @@ class TrainLycoris(io.ComfyNode):
                 io.String.Input("output_name", default="lycoris/trained",
                                 tooltip="Adapter file name in models/loras (and the checkpoint folder name)."),
                 io.Boolean.Input("resume", default=False,
-                                 tooltip="Continue from the latest checkpoint of output_name's job folder."),
+                                 tooltip="On: continue the newest job of output_name from its newest intact checkpoint "
+                                         "(says which). Off: always a new job in a new folder."),
             ],
             outputs=[LycorisJob.Output("job", display_name="job", tooltip="For LyCORIS Job.")],
             is_output_node=True,
@@ -212,10 +241,27 @@ class TrainLycoris(io.ComfyNode):
         spec = job_spec("Train LyCORIS", config, steps, batch_size, grad_accumulation, learning_rate, lr_schedule,
                         warmup_steps, optimizer, seed, dtype, gradient_checkpointing, save_every, keep_last,
                         nan_policy, output_name)
-        folders = Folders(_job_folder(output_name, resume), Path(folder_paths.get_folder_paths("loras")[0]))
-        job = job_service.queue().submit(spec, lambda job, control: run_training(job, control, model, dataset,
-                                                                                 folders), name=output_name)
-        return io.NodeOutput(job, ui={"job_id": [job.id], "text": [f"job {job.id} submitted: {steps} steps"]})
+        folder, note = job_folder(spec.output_name, resume, steps)
+        folders = Folders(folder, Path(folder_paths.get_folder_paths("loras")[0]))
+        work = functools.partial(_train, spec, spec.output_name, model, dataset, folders, resume)
+        job = job_service.queue().submit(spec, work, name=spec.output_name, folder=folder)
+        return io.NodeOutput(job, ui={"job_id": [job.id], "text": [f"job {job.id} submitted: {steps} steps; {note}"]})
+
+    @classmethod
+    def validate_inputs(cls, output_name) -> bool | str:
+        """A bad output_name refuses the prompt before any node runs (None: linked, checked at run)."""
+        if output_name is None:
+            return True
+        try:
+            check_output_name(output_name)
+        except SpecError as err:
+            return str(err)
+        return True
+
+    @classmethod
+    def fingerprint_inputs(cls, **inputs):
+        """Never cached: queueing the same prompt again submits a new job (or resumes, when asked)."""
+        return uuid.uuid4().hex
 
 
 class LycorisJobNode(io.ComfyNode):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Mapping
 
-from ..core.mask_plot import check_alphas
+from ..core.mask_plot import check_alphas, parse_alphas
 from ..core.tlora import T_MAX, active_ranks, check_params
 
 MASK_ROUTE = "/lycoris/tlora/mask"
@@ -34,12 +34,7 @@ def _number(query: Mapping[str, str], field: str, kind: type, default=None):
 
 
 def _alphas(alpha: float, text: str) -> list[float]:
-    extras = []
-    for token in text.replace(",", " ").split():
-        try:
-            extras.append(float(token))
-        except ValueError:
-            raise ValueError(f"alphas: '{token}' is not a number") from None
+    extras = parse_alphas(text, "alphas")
     try:
         return check_alphas([alpha, *extras])
     except ValueError as err:

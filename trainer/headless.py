@@ -3,8 +3,15 @@
 `python -m trainer run <job folder | job.json>` (see `trainer/__main__.py`), also under
 `torchrun` for data parallel training (`trainer.distributed`). Rank 0 prints one progress line
 per `--log-every` steps; the process ends with exit code 0 when the adapter is written, else
-non-zero with a one-line reason on stderr: 1 failed, 2 unusable job or arguments, 3 stopped
-(non-finite loss), 4 cancelled (SIGINT / SIGTERM: a checkpoint is written first when possible).
+non-zero with a one-line reason on stderr: 1 failed, 2 unusable job or arguments (a job.json
+field of the wrong type or range, a bad LyCORIS config or tiny recipe, checkpoints that exist but
+are all corrupt; the message names the field or lists each file and why), 3 stopped (non-finite
+loss), 4 cancelled (SIGINT / SIGTERM: a checkpoint is written first when possible).
+
+Resume takes the newest intact checkpoint (`checkpoint.resume_point`; corrupt newer ones are named
+on stderr and skipped). Running a job again after it finished (a checkpoint at the last step)
+says it is already complete, names the adapter file (`checkpoint.final_adapter`) or says it is
+missing, and exits 0 without loading the model or writing anything.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import torch
 
 from ..core import host
 from ..core.adapter_set import architecture_key
-from .checkpoint import latest_checkpoint
+from .checkpoint import CheckpointError, ResumePoint, final_adapter, resume_point
 from .distributed import World, init_from_env, shutdown
 from .jobfile import MODEL_FOLDERS, JobFileError, ModelRef, load_dataset, read_job
 from .jobs import Job, JobCancelled, JobControl, JobQueue, JobStopped
@@ -100,6 +107,11 @@ class HeadlessControl(JobControl):
     def cancelled(self) -> bool:  # the loop asks once per step, on every rank: so this may be a collective
         return self.world.any(self.job.cancel_event.is_set())
 
+    def say(self, message: str) -> None:  # the loop's status lines (resume decisions, skipped steps)
+        self.job.message = message
+        if self.world.is_main:
+            print(message, file=self.out, flush=True)
+
     def report(self, step: int, loss: float, lr: float) -> None:
         super().report(step, loss, lr)
         if self.exit_at == (self.world.rank, step):
@@ -121,6 +133,14 @@ def _on_signal(job: Job) -> dict:
     return {signum: signal.signal(signum, handler) for signum in (signal.SIGINT, signal.SIGTERM)}
 
 
+def find_resume_point(checkpoints: Path) -> ResumePoint | None:
+    """`resume_point`, with all-corrupt checkpoints as an unusable job folder (exit code 2), not a failure."""
+    try:
+        return resume_point(checkpoints)
+    except CheckpointError as err:
+        raise JobFileError(f"checkpoints: {err}") from None
+
+
 def run_job(args: argparse.Namespace, world: World, out: TextIO = sys.stdout) -> int:
     """Load the job folder, the model and the dataset; train; return the exit code."""
     _force_cpu_without_cuda()
@@ -131,6 +151,20 @@ def run_job(args: argparse.Namespace, world: World, out: TextIO = sys.stdout) ->
 
     folder = read_job(args.job)
     spec = folder.spec
+    folders = Folders(folder.checkpoints, args.loras or folder.loras)
+    resume = find_resume_point(folders.checkpoints)  # before loading anything heavy
+    start = resume.step if resume is not None else 0
+    world.agree(start, "resume step")
+    if resume is not None:
+        for note in resume.notes:
+            say(f"warning: {note}", sys.stderr)
+    if start >= spec.steps:  # finished: say so, name the adapter, write nothing (the loop is never entered)
+        adapter = world.broadcast_text(str(final_adapter(folders.adapters, spec.output_name, start) or ""))
+        found = f"adapter: {adapter}" if adapter else (f"no adapter of {start} steps named {spec.output_name} "
+                                                        f"in {folders.adapters}")
+        say(f"job {folder.folder} is already complete ({start} of {spec.steps} steps, {resume.path.name}); "
+            f"{found}; nothing to do")
+        return 0
     say(f"job {folder.folder}: {spec.steps} steps, global batch {spec.batch_size} x {spec.grad_accumulation}, "
         f"{world.size} process(es){f' ({world.backend})' if world.size > 1 else ''}, model {folder.model.describe()}")
     if spec.batch_size % world.size:
@@ -138,16 +172,14 @@ def run_job(args: argparse.Namespace, world: World, out: TextIO = sys.stdout) ->
     started = time.monotonic()
     patcher = load_model(folder.model, args.model)
     data = load_dataset(folder.dataset)
-    folders = Folders(folder.checkpoints, args.loras or folder.loras)
-    latest = latest_checkpoint(folders.checkpoints)
-    if latest is not None:
-        say(f"resuming from {latest.name}")
-    job = Job(uuid.uuid4().hex[:12], folder.name, spec, work=lambda job, control: None)
-    job.state = "running"
+    if resume is not None:
+        say(f"resuming from {resume.path.name}")
+    job = Job(uuid.uuid4().hex[:12], folder.name, spec, None)
+    job.state, job.step = "running", start  # the loop's report() moves job.step on from here
     control = HeadlessControl(job, world, args.log_every, out)
     previous = _on_signal(job)
     try:
-        path = run_training(job, control, patcher, data, folders, world)
+        outcome = run_training(spec, folder.name, patcher, data, folders, control, world, resume=True)
     except JobCancelled:
         say(f"cancelled at step {job.step}; checkpoint kept: {job.checkpoint}", sys.stderr)
         return EXIT_CANCELLED
@@ -157,7 +189,9 @@ def run_job(args: argparse.Namespace, world: World, out: TextIO = sys.stdout) ->
     finally:
         for signum, old in previous.items():
             signal.signal(signum, old)
-    say(f"done in {time.monotonic() - started:.1f}s: {job.step} steps; adapter saved to {path}")
+    result = f"adapter saved to {outcome.path}" if outcome.path else outcome.message
+    say(f"done in {time.monotonic() - started:.1f}s: trained steps {start + 1} to {outcome.steps} of {spec.steps}; "
+        f"{result}")
     return 0
 
 

@@ -9,24 +9,27 @@
 
 The base model is referenced, not copied: a ComfyUI model file plus the loader kind, or the
 recipe of a tiny seeded model (`core.tiny.TinySizes`), which rebuilds bit-identically anywhere.
-Nothing here imports ComfyUI.
+`read_job` checks everything it can without the model: field types, spec ranges, the LyCORIS
+config in `spec.config_json`, the tiny recipe; a JobFileError names the file and the field
+(`job.json: spec.steps: must be an integer (got 'ten')`). Nothing here imports ComfyUI.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 import torch
 from safetensors import SafetensorError, safe_open
 
 from ..core.adapter_file import atomic_save_file, atomic_write
-from ..core.tiny import TinySizes
+from ..core.config import ConfigError, parse_config
+from ..core.tiny import TinyModelError, TinySizes, unet_config
 from .data import DatasetError, TrainingSet
-from .spec import JobSpec, SpecError
+from .spec import DTYPES, JobSpec, SpecError
 
 FORMAT = "lycoris-job/1"
 DATASET_FORMAT = "1"
@@ -39,6 +42,39 @@ _SCALARS = (type(None), bool, int, float, str)
 
 class JobFileError(ValueError):
     """A job folder that cannot be written or used; the message names the file and field."""
+
+
+# JSON value checks for dataclass fields by their annotated type (bool is not a number here).
+_TYPE_CHECKS = {
+    int: ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    float: ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+    str: ("a string", lambda v: isinstance(v, str)),
+    bool: ("true or false", lambda v: isinstance(v, bool)),
+}
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    text = " ".join(repr(value).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_fields(cls: type, data: Any, where: str) -> None:
+    """JobFileError naming `<where>.<field>` unless `data` is an object whose fields all have `cls`'s
+    JSON types (int, float, str, bool annotations; others unchecked), with no unknown or missing field."""
+    if not isinstance(data, dict):
+        raise JobFileError(f"{where}: must be an object (got {_shown(data)})")
+    hints, known = get_type_hints(cls), {f.name: f for f in fields(cls)}
+    unknown = sorted(k for k in data if k not in known)
+    if unknown:
+        raise JobFileError(f"{where}.{unknown[0]}: not a field here (known: {', '.join(known)})")
+    for name, spec_field in known.items():
+        if name not in data:
+            if spec_field.default is MISSING and spec_field.default_factory is MISSING:
+                raise JobFileError(f"{where}.{name}: missing")
+            continue
+        check = _TYPE_CHECKS.get(hints[name])
+        if check is not None and not check[1](data[name]):
+            raise JobFileError(f"{where}.{name}: must be {check[0]} (got {_shown(data[name])})")
 
 
 @dataclass(frozen=True)
@@ -59,6 +95,13 @@ class ModelRef:
             raise JobFileError("model.tiny: a tiny model needs its recipe (TinySizes fields)")
         if self.kind != "tiny" and not (self.file or self.path):
             raise JobFileError(f"model.file: a {self.kind} needs a file name or path")
+        if self.dtype not in DTYPES:
+            raise JobFileError(f"model.dtype: must be one of {', '.join(DTYPES)} (got {_shown(self.dtype)})")
+        if self.tiny is not None:
+            try:
+                unet_config(self.tiny)  # the recipe must form a model (names the bad size)
+            except (TinyModelError, TypeError) as err:
+                raise JobFileError(f"model.tiny.{' '.join(str(err).split())}") from None
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -67,17 +110,10 @@ class ModelRef:
 
     @classmethod
     def from_dict(cls, data: Any) -> ModelRef:
-        if not isinstance(data, dict):
-            raise JobFileError("model: must be an object")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise JobFileError(f"model.{unknown[0]}: not a model reference field")
+        check_fields(cls, data, "model")
         tiny = data.get("tiny")
         if tiny is not None:
-            sizes = {f.name for f in fields(TinySizes)}
-            if not isinstance(tiny, dict) or set(tiny) - sizes:
-                raise JobFileError(f"model.tiny: must be an object with fields among {', '.join(sorted(sizes))}")
+            check_fields(TinySizes, tiny, "model.tiny")
             tiny = TinySizes(**tiny)
         return cls(**{**data, "tiny": tiny})
 
@@ -222,11 +258,28 @@ def read_job(path: str | os.PathLike[str]) -> JobFolder:
     if not isinstance(document, dict) or document.get("format") != FORMAT:
         raise JobFileError(f"{target.name}: format must be '{FORMAT}'")
     try:
-        spec = JobSpec.from_json(json.dumps(document["spec"]))
-    except (KeyError, TypeError, SpecError) as err:
-        raise JobFileError(f"{target.name}: spec: {err}") from None
-    model = ModelRef.from_dict(document.get("model"))
-    dataset = target.parent / str(document.get("dataset", DATASET_FILE))
+        spec = read_spec(document.get("spec"))
+        model = ModelRef.from_dict(document.get("model"))
+    except JobFileError as err:
+        raise JobFileError(f"{target.name}: {err}") from None
+    for key in ("name", "dataset"):
+        if not isinstance(document.get(key, ""), str):
+            raise JobFileError(f"{target.name}: {key}: must be a string (got {_shown(document[key])})")
+    dataset = target.parent / (document.get("dataset") or DATASET_FILE)
     if not dataset.is_file():
         raise JobFileError(f"{target.name}: dataset: {dataset} does not exist")
-    return JobFolder(target.parent, str(document.get("name") or spec.output_name), spec, model, dataset)
+    return JobFolder(target.parent, document.get("name") or spec.output_name, spec, model, dataset)
+
+
+def read_spec(data: Any) -> JobSpec:
+    """The `spec` object of a job file -> JobSpec, its LyCORIS config parsed too; JobFileError names `spec.<field>`."""
+    check_fields(JobSpec, data, "spec")
+    try:
+        spec = JobSpec(**data)
+    except SpecError as err:  # its message starts with the field name
+        raise JobFileError(f"spec.{' '.join(str(err).split())}") from None
+    try:
+        parse_config(spec.config_json)
+    except ConfigError as err:
+        raise JobFileError(f"spec.config_json: {' '.join(str(err).split())}") from None
+    return spec

@@ -4,19 +4,27 @@ The Train node only submits; the worker runs one job at a time on its own thread
 the job yields to ComfyUI (`busy()` is true while a prompt executes), so sampling with the live
 checkpoint is never blocked. Each job has its own cancel flag: ComfyUI's global interrupt flag
 belongs to the prompt being executed and is never touched here.
+
+A job's work is a closure over its model and dataset; it is dropped the moment the job ends, so a
+finished, failed or cancelled job keeps only its summary, losses and latest adapter snapshot.
+Finished jobs are kept up to `keep_finished`. A job with a folder writes `lycoris-job.json` there
+(at submit and when it ends), so after a restart the jobs list shows the jobs found on disk.
 """
 
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import math
+import os
 import re
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .spec import JobSpec
@@ -24,6 +32,7 @@ from .spec import JobSpec
 log = logging.getLogger("lycoris.trainer")
 JOB_ID = re.compile(r"^[0-9a-f]{12}$")
 ACTIVE = ("queued", "running", "waiting")
+RECORD = "lycoris-job.json"  # a job's record in its folder
 
 
 class JobError(ValueError):
@@ -43,7 +52,8 @@ class Job:
     id: str
     name: str
     spec: JobSpec
-    work: Callable[[Job, JobControl], None]
+    work: Callable[[JobControl], str | None] | None  # returns the final message; dropped when the job ends
+    folder: Path | None = None  # the folder the job owns (its checkpoints and record)
     state: str = "queued"
     step: int = 0
     losses: list[tuple[int, float]] = field(default_factory=list)
@@ -53,6 +63,7 @@ class Job:
     checkpoint: str | None = None
     adapter: Any = None  # the latest LoadedAdapter snapshot (LYCORIS_ADAPTER)
     created: float = field(default_factory=time.time)
+    from_disk: bool = False  # found on disk after a restart: a summary, not a live job
     cancel_event: threading.Event = field(default_factory=threading.Event)
     done_event: threading.Event = field(default_factory=threading.Event)
 
@@ -60,15 +71,22 @@ class Job:
         last = self.losses[-1][1] if self.losses else None
         return {"id": self.id, "name": self.name, "state": self.state, "step": self.step, "steps": self.spec.steps,
                 "loss": last if last is not None and math.isfinite(last) else None, "its": self.its, "eta_s": self.eta_s,
-                "message": self.message, "checkpoint": self.checkpoint, "created": self.created}
+                "message": self.message, "checkpoint": self.checkpoint, "created": self.created,
+                "folder": str(self.folder) if self.folder else None, "from_disk": self.from_disk,
+                "output_name": self.spec.output_name}
 
     def detail(self) -> dict:
         losses = [[s, v if math.isfinite(v) else None] for s, v in self.losses]
         return {**self.summary(), "losses": losses, "spec": self.spec.to_json()}
 
+    def record(self) -> dict:
+        """What `lycoris-job.json` holds: enough to list the job after a restart and to resume it."""
+        return {"id": self.id, "name": self.name, "state": self.state, "step": self.step, "message": self.message,
+                "checkpoint": self.checkpoint, "created": self.created, "spec": self.spec.to_json()}
+
 
 class JobControl:
-    """What a job's work uses to talk to the queue: progress, yielding, cancellation."""
+    """What a job's work uses to talk to the queue (`trainer.loop.Reporter`): progress, yielding, cancel."""
 
     def __init__(self, job: Job, queue: JobQueue):
         self.job, self.queue = job, queue
@@ -86,6 +104,10 @@ class JobControl:
         while self.queue.busy() and not self.cancelled():
             time.sleep(poll_s)
         self.queue.set_state(self.job, "running")
+
+    def say(self, message: str) -> None:
+        """A status line for the job (resume decisions, skipped steps)."""
+        self.queue.set_state(self.job, self.job.state, message)
 
     def report(self, step: int, loss: float, lr: float) -> None:
         """Record a finished step (1-based) and send a progress event."""
@@ -106,21 +128,72 @@ class JobControl:
     def publish(self, adapter: Any, checkpoint: str | None) -> None:
         """Make a new adapter snapshot (and its checkpoint file) the job's latest."""
         self.job.adapter, self.job.checkpoint = adapter, checkpoint
+        if checkpoint:
+            match = re.search(r"checkpoint-(\d+)", Path(checkpoint).name)
+            if match and not self.job.losses:  # resumed: the job starts at the checkpoint's step
+                self.job.step = int(match.group(1))
+
+
+def _write_record(job: Job) -> None:
+    """`lycoris-job.json` in the job's folder, atomically; a failure is logged, never fatal."""
+    if job.folder is None or not job.folder.is_dir():
+        return
+    target = job.folder / RECORD
+    temp = target.with_name(f".{RECORD}.tmp")
+    try:
+        temp.write_text(json.dumps(job.record(), indent=1))
+        os.replace(temp, target)
+    except OSError as err:
+        log.warning("LyCORIS job %s: could not write %s: %s", job.id, target, err)
+
+
+def jobs_on_disk(root: Path, limit: int = 200, depth: int = 4) -> list[Job]:
+    """Summaries of the jobs recorded under `root` (newest first, at most `limit`), for after a restart.
+
+    A job recorded as queued or running was interrupted by the restart: its state says so, and
+    its message how to continue it.
+    """
+    found: list[Job] = []
+    if not root.is_dir():
+        return found
+    paths = [p for p in root.rglob(RECORD) if len(p.relative_to(root).parts) <= depth + 1 and not p.is_symlink()]
+    for path in paths:
+        try:
+            data = json.loads(path.read_text())
+            spec = JobSpec.from_json(data["spec"])
+            job = Job(str(data["id"]), str(data["name"]), spec, None, path.parent, state=str(data["state"]),
+                      step=int(data["step"]), message=str(data.get("message", "")),
+                      checkpoint=data.get("checkpoint"), created=float(data["created"]), from_disk=True)
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            log.warning("LyCORIS: skipping unreadable job record %s: %s", path, err)
+            continue
+        if not JOB_ID.match(job.id):
+            continue
+        if job.state in ACTIVE:
+            job.state = "interrupted"
+            job.message = (f"interrupted by a restart at step {job.step}: queue Train LyCORIS with output_name "
+                           f"'{spec.output_name}' and resume on to continue from its latest checkpoint")
+        job.done_event.set()
+        found.append(job)
+    return sorted(found, key=lambda j: j.created, reverse=True)[:limit]
 
 
 class JobQueue:
     """FIFO of jobs run by one daemon worker thread."""
 
-    def __init__(self, emit: Callable[[str, dict], None] | None = None, busy: Callable[[], bool] | None = None):
+    def __init__(self, emit: Callable[[str, dict], None] | None = None, busy: Callable[[], bool] | None = None,
+                 keep_finished: int = 100, history: list[Job] | None = None):
         self.emit = emit or (lambda event, data: None)
         self.busy = busy or (lambda: False)
-        self._jobs: dict[str, Job] = {}
+        self.keep_finished = keep_finished
+        self._jobs: dict[str, Job] = {job.id: job for job in history or []}
         self._pending: collections.deque[Job] = collections.deque()
         self._cv = threading.Condition()
         self._worker: threading.Thread | None = None
 
-    def submit(self, spec: JobSpec, work: Callable[[Job, JobControl], None], name: str = "") -> Job:
-        job = Job(uuid.uuid4().hex[:12], name or spec.output_name, spec, work)
+    def submit(self, spec: JobSpec, work: Callable[[JobControl], str | None], name: str = "",
+               folder: Path | None = None) -> Job:
+        job = Job(uuid.uuid4().hex[:12], name or spec.output_name, spec, work, folder)
         with self._cv:
             self._jobs[job.id] = job
             self._pending.append(job)
@@ -128,6 +201,7 @@ class JobQueue:
                 self._worker = threading.Thread(target=self._run, name="lycoris-trainer", daemon=True)
                 self._worker.start()
             self._cv.notify()
+        _write_record(job)
         self.emit("lycoris.job.state", {"job_id": job.id, "state": job.state, "message": "queued"})
         return job
 
@@ -141,6 +215,10 @@ class JobQueue:
 
     def jobs(self) -> list[Job]:
         return sorted(self._jobs.values(), key=lambda j: j.created)
+
+    def active_in(self, folder: Path) -> Job | None:
+        """The queued or running job that owns `folder`, if any."""
+        return next((j for j in self._jobs.values() if j.state in ACTIVE and j.folder == folder), None)
 
     def cancel(self, job_id: str) -> Job:
         job = self.get(job_id)
@@ -159,8 +237,18 @@ class JobQueue:
         self.emit("lycoris.job.state", {"job_id": job.id, "state": state, "message": job.message})
 
     def _finish(self, job: Job, state: str, message: str) -> None:
+        job.work = None  # drops the model and dataset the work captured
         self.set_state(job, state, message)
+        _write_record(job)
+        self._prune()
         job.done_event.set()
+
+    def _prune(self) -> None:
+        """Keep at most `keep_finished` ended jobs (the oldest go first)."""
+        with self._cv:
+            ended = [j for j in sorted(self._jobs.values(), key=lambda j: j.created) if j.state not in ACTIVE]
+            for job in ended[: max(0, len(ended) - self.keep_finished)]:
+                del self._jobs[job.id]
 
     def _run(self) -> None:
         while True:
@@ -169,8 +257,10 @@ class JobQueue:
                     self._cv.wait()
                 job = self._pending.popleft()
             self.set_state(job, "running", "")
+            _write_record(job)
+            work, control = job.work, JobControl(job, self)
             try:
-                job.work(job, JobControl(job, self))
+                message = work(control) if work is not None else "nothing to run"
             except JobCancelled:
                 self._finish(job, "cancelled", f"cancelled at step {job.step}; checkpoint kept")
             except JobStopped as stop:
@@ -179,4 +269,6 @@ class JobQueue:
                 log.exception("LyCORIS training job %s failed", job.id)
                 self._finish(job, "failed", f"{type(err).__name__}: {err}")
             else:
-                self._finish(job, "done", job.message or f"finished {job.step} steps")
+                self._finish(job, "done", message or job.message or f"finished {job.step} steps")
+            finally:
+                del work, control

@@ -1,8 +1,15 @@
-"""The training loop of one job: plan -> trainable adapter -> steps -> checkpoints -> adapter file.
+"""The training loop of one run: plan -> trainable adapter -> steps -> checkpoints -> adapter file.
 
-Runs on the job worker thread (or headless). Between steps it yields to ComfyUI prompts, checks
-its own cancel flag, and every `save_every` steps writes an atomic checkpoint and publishes a
-snapshot adapter that Apply LyCORIS can use while training goes on.
+It takes what it needs (spec, model, data, folders, a `Reporter` for progress) and knows nothing
+of who runs it: the background job queue adapts its job records to a Reporter, the headless
+runner (`python -m trainer run`, torchrun) passes its own. Setup and every step wait while a
+ComfyUI prompt executes (`Reporter.pause_while_busy`); every `save_every` steps an atomic,
+checksummed checkpoint is written and a snapshot adapter published that Apply LyCORIS can use
+while training goes on.
+
+Resuming is explicit: `resume=False` starts at step 0 in a folder that must hold no checkpoint;
+`resume=True` continues from the newest intact checkpoint (newer corrupt ones are skipped and
+named) and says which, or says there was none; a run that is already complete changes nothing.
 """
 
 from __future__ import annotations
@@ -10,53 +17,78 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from ..core import host
-from ..core.adapter_file import adapter_metadata, next_free_name, resolve_in_folder, write_adapter
+from ..core.adapter_file import adapter_metadata, free_adapter_name, write_adapter
 from ..core.config import parse_config
+from ..core.dtypes import TORCH_DTYPES
 from ..core.targets import plan_for
 from .checkpoint import (
     TrainingState,
     capture_rng,
     checkpoint_name,
-    latest_checkpoint,
-    load_checkpoint,
+    list_checkpoints,
     restore_rng,
+    resume_point,
     save_checkpoint,
 )
 from .checkpointing import memory_mode
 from .data import TrainingSet
 from .distributed import World
-from .jobs import Job, JobCancelled, JobControl, JobStopped
+from .jobs import JobCancelled, JobStopped
 from .objectives import Objective
 from .optimizers import build_optimizer
 from .predict import ComfyPredictor, encode_conditioning, model_space_latents, objective_for_model, stack_conditioning
+from .spec import JobSpec
 from .step import Batch, StepResult
 from .trainable import TrainableAdapter, comfy_base_weights
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+class Reporter(Protocol):
+    """Where a run reports to (the job queue's JobControl, the headless runner's control)."""
+
+    def cancelled(self) -> bool: ...
+
+    def pause_while_busy(self) -> None: ...
+
+    def report(self, step: int, loss: float, lr: float) -> None: ...
+
+    def publish(self, adapter: Any, checkpoint: str | None) -> None: ...
+
+    def say(self, message: str) -> None: ...
 
 
 @dataclass
 class Folders:
-    checkpoints: Path  # this job's checkpoints
+    checkpoints: Path  # this run's checkpoints (the run owns the folder)
     adapters: Path  # where the final adapter file goes (models/loras)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a run did: the adapter file it wrote (None when it was already complete), steps, a message."""
+
+    path: Path | None
+    steps: int
+    message: str
 
 
 @dataclass
 class _Run:
-    job: Job
-    control: JobControl
-    patcher: Any
+    spec: JobSpec
+    name: str
+    reporter: Reporter
     trainable: TrainableAdapter
     optimizer: torch.optim.Optimizer
     generator: torch.Generator
     folders: Folders
     config: Any
     world: World
+    step: int = 0
+    checkpoint: str | None = None
 
 
 def training_step(predict: ComfyPredictor, objective: Objective, batches: list[Batch], optimizer: torch.optim.Optimizer,
@@ -95,80 +127,96 @@ def _checkpoint(run: _Run, step: int) -> Path:
     path = run.folders.checkpoints / checkpoint_name(step)
     if run.world.is_main:  # one writer per folder; the state is the same on every rank
         state = TrainingState(step, run.trainable.state_dict(), run.optimizer.state_dict(),
-                              capture_rng({"data": run.generator}), {"spec": run.job.spec.to_json()})
-        path = save_checkpoint(run.folders.checkpoints, state, keep_last=run.job.spec.keep_last)
+                              capture_rng({"data": run.generator}), {"spec": run.spec.to_json()})
+        path = save_checkpoint(run.folders.checkpoints, state, keep_last=run.spec.keep_last)
     run.world.barrier()
-    run.control.publish(run.trainable.to_loaded(f"{run.job.name}@{step}", run.config), str(path))
+    run.checkpoint = str(path)
+    run.reporter.publish(run.trainable.to_loaded(f"{run.name}@{step}", run.config), str(path))
     return path
 
 
-def _resume(run: _Run) -> int:
-    """Continue from the job folder's latest checkpoint, if any: adapter, optimizer, RNG, step."""
-    latest = latest_checkpoint(run.folders.checkpoints)
-    if latest is None:
+def _resume(run: _Run, resume: bool) -> int:
+    """The step to start from: a checkpoint's (adapter, optimizer, RNG restored) or 0, said out loud."""
+    folder = run.folders.checkpoints
+    if not resume:
+        existing = list_checkpoints(folder) if folder.is_dir() else []
+        if existing:
+            raise JobStopped(f"{folder} already holds checkpoints ({existing[-1][1].name}) and resume is off: "
+                             "this run never reads another run's state")
         return 0
-    state = load_checkpoint(latest)
+    point = resume_point(folder) if folder.is_dir() else None
+    if point is None:
+        run.reporter.say(f"resume: no checkpoint in {folder}; starting at step 0")
+        return 0
+    state = point.state
     run.trainable.load_state_dict(state.adapter)
     run.optimizer.load_state_dict(state.optimizer)
     restore_rng(state.rng, {"data": run.generator})
-    run.control.publish(run.trainable.to_loaded(f"{run.job.name}@{state.step}", run.config), str(latest))
+    run.checkpoint = str(point.path)
+    run.reporter.publish(run.trainable.to_loaded(f"{run.name}@{state.step}", run.config), str(point.path))
+    notes = "".join(f"; {note}" for note in point.notes)
+    run.reporter.say(f"resumed from {point.path.name} (step {state.step}){notes}")
     return state.step
 
 
 def _final_file(run: _Run) -> Path:
-    spec, folder = run.job.spec, run.folders.adapters
+    spec, folder = run.spec, run.folders.adapters
     written = ""
     if run.world.is_main:  # rank 0 writes (atomically); the others wait for its path
-        name = spec.output_name
-        if resolve_in_folder(folder, name).exists():
-            name = next_free_name(folder, name)
+        name = free_adapter_name(folder, spec.output_name, "output_name")
         metadata = adapter_metadata(run.config.to_json(), run.trainable.family, run.config.algo,
-                                    {"steps": run.job.step, "seed": spec.seed})
+                                    {"steps": run.step, "seed": spec.seed, "multiplier": run.config.multiplier})
         written = str(write_adapter(folder, name, run.trainable.state_dict(), metadata))
     return Path(run.world.broadcast_text(written))
 
 
-def run_training(job: Job, control: JobControl, patcher: Any, data: TrainingSet, folders: Folders,
-                 world: World | None = None) -> Path:
-    """Train `job` on `patcher` (a ComfyUI MODEL, whose weights keep their values) and `data`.
+def run_training(spec: JobSpec, name: str, patcher: Any, data: TrainingSet, folders: Folders, reporter: Reporter,
+                 world: World | None = None, resume: bool = False) -> Outcome:
+    """Train `spec` on `patcher` (a ComfyUI MODEL, whose weights keep their values) and `data`.
 
-    Returns the adapter file. Runs with autograd on even when called from a ComfyUI node thread.
-    `world`: this process's rank among data-parallel processes (`trainer.distributed`); None: one process.
+    Runs with autograd on even when called from a ComfyUI node thread. `world`: this process's
+    rank among data-parallel processes (`trainer.distributed`); None: one process. Raises
+    JobCancelled (after a checkpoint) or JobStopped (a message saying why).
     """
     with torch.inference_mode(False):
-        return _run_training(job, control, patcher, data, folders, world or World())
+        return _run_training(spec, name, patcher, data, folders, reporter, world or World(), resume)
 
 
-def _run_training(job: Job, control: JobControl, patcher: Any, data: TrainingSet, folders: Folders,
-                  world: World) -> Path:
-    spec = job.spec
+def _run_training(spec: JobSpec, name: str, patcher: Any, data: TrainingSet, folders: Folders, reporter: Reporter,
+                  world: World, resume: bool) -> Outcome:
     config = parse_config(spec.config_json)
+    reporter.pause_while_busy()  # setup loads, copies and encodes: not while a prompt runs
     device = host.prepare_for_training(patcher)
     host.detach_from_inference_mode(patcher)
     host.freeze_base(patcher)
     unet_config = host.model_unet_config(patcher)
     plan = plan_for(config, unet_config)
     trainable = TrainableAdapter.from_plan(plan, unet_config, comfy_base_weights(patcher.model.diffusion_model), config,
-                                           seed=spec.seed, dtype=_DTYPES[spec.dtype], device=device,
+                                           seed=spec.seed, dtype=TORCH_DTYPES[spec.dtype], device=device,
                                            init_device=device)
     optimizer = build_optimizer(spec, trainable.parameters())
     generator = torch.Generator().manual_seed(spec.seed)
-    run = _Run(job, control, patcher, trainable, optimizer, generator, folders, config, world)
-    start = _resume(run)
+    run = _Run(spec, name, reporter, trainable, optimizer, generator, folders, config, world)
+    start = _resume(run, resume)
     world.sync_start(start, trainable.parameters())
+    if start >= spec.steps:
+        return Outcome(None, start, f"already complete: step {start} of {spec.steps}; nothing changed")
     objective = objective_for_model(patcher.model, trainable.family, shift=spec.flow_shift or 3.0,
                                     resolution_dependent=spec.flow_shift == 0, guidance=spec.guidance,
                                     min_snr_gamma=spec.min_snr_gamma or None)
+    reporter.pause_while_busy()
     items = _encoded_items(patcher, data, device, spec.guidance)
     empty = None
     if data.empty_conditioning is not None:
         empty = {k: v.clone() if isinstance(v, torch.Tensor) else v
                  for k, v in encode_conditioning(patcher.model, data.empty_conditioning, items[0][0], spec.guidance).items()}
     order = data.batches(spec.batch_size, generator)
-    predict = ComfyPredictor(patcher.model, trainable)
+    # LyCORIS trains with the config's multiplier on every module's output (SimpleTuner passes it on).
+    predict = ComfyPredictor(patcher.model, trainable, strength=config.multiplier)
+    run.step = start
     for step in range(start, spec.steps):
-        control.pause_while_busy()
-        if control.cancelled():
+        reporter.pause_while_busy()
+        if reporter.cancelled():
             _checkpoint(run, step)
             raise JobCancelled()
         host.prepare_for_training(patcher)
@@ -181,14 +229,14 @@ def _run_training(job: Job, control: JobControl, patcher: Any, data: TrainingSet
                                world=world)
         if not result.finite:
             if spec.nan_policy == "stop":
-                kept = f"; last good checkpoint kept: {job.checkpoint}" if job.checkpoint else ""
+                kept = f"; last good checkpoint kept: {run.checkpoint}" if run.checkpoint else ""
                 raise JobStopped(f"step {step + 1}: {result.message}{kept}")
-            job.message = f"step {step + 1} skipped: {result.message}"
-        control.report(step + 1, result.loss if math.isfinite(result.loss) else float("nan"), lr)
+            reporter.say(f"step {step + 1} skipped: {result.message}")
+        run.step = step + 1
+        reporter.report(step + 1, result.loss if math.isfinite(result.loss) else float("nan"), lr)
         if (step + 1) % spec.save_every == 0 and step + 1 < spec.steps:
             _checkpoint(run, step + 1)
-    _checkpoint(run, job.step)
+    _checkpoint(run, run.step)
     path = _final_file(run)
-    control.publish(trainable.to_loaded(job.name, config), job.checkpoint)
-    job.message = f"finished {job.step} steps; adapter saved to {path}"
-    return path
+    reporter.publish(trainable.to_loaded(name, config), run.checkpoint)
+    return Outcome(path, run.step, f"finished {run.step} steps; adapter saved to {path}")

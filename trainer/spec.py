@@ -8,17 +8,32 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import asdict, dataclass, fields
+
+from ..core.dtypes import DTYPE_NAMES
+from ..core.paths import PathNameError, safe_relative_name
 
 OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "prodigy")
 SCHEDULES = ("constant", "cosine", "linear")
 NAN_POLICIES = ("stop", "skip")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = DTYPE_NAMES
 
 
 class SpecError(ValueError):
     """A spec field is out of range; the message starts with the field name."""
+
+
+def check_output_name(output_name: object, input_name: str = "output_name") -> str:
+    """The clean `output_name` (core.paths rules: relative, no '..', no hidden or Windows-reserved
+    parts, length kept for `.safetensors` and a `_00001` counter); SpecError naming the input if not.
+
+    It names both `models/loras/<output_name>.safetensors` and the job folder
+    `output/lycoris_jobs/<output_name>/`, so the file suffix counts against its length.
+    """
+    try:
+        return safe_relative_name(output_name, input_name, ".safetensors")
+    except PathNameError as err:
+        raise SpecError(str(err)) from None
 
 
 @dataclass(frozen=True)
@@ -58,12 +73,11 @@ class JobSpec:
             ("keep_last", self.keep_last >= 1, "must be at least 1"),
             ("nan_policy", self.nan_policy in NAN_POLICIES, f"must be one of {', '.join(NAN_POLICIES)}"),
             ("max_grad_norm", self.max_grad_norm >= 0, "must be 0 (off) or more"),
-            ("output_name", bool(re.fullmatch(r"[\w\-./ ]+", self.output_name)) and ".." not in self.output_name,
-             "letters, digits, '-', '_', '/' only, no '..'"),
         ]
         for name, ok, message in checks:
             if not ok:
                 raise SpecError(f"{name}: {message} (got {getattr(self, name)!r})")
+        check_output_name(self.output_name)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

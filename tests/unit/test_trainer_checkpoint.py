@@ -1,24 +1,34 @@
-"""Atomic, pickle-free checkpoints: exact round trips, crash safety, pruning, validation."""
+"""Atomic, pickle-free checkpoints: exact round trips, crash safety, pruning, validation, checksums,
+and resuming from the newest intact checkpoint."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import struct
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
+from comfyui_lycoris.trainer import checkpoint as checkpoint_module
 from comfyui_lycoris.trainer.checkpoint import (
+    CHECKSUM_KEY,
     CheckpointError,
+    NoIntactCheckpointError,
     TrainingState,
     capture_rng,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
     restore_rng,
+    resume_point,
     save_checkpoint,
 )
 
@@ -165,3 +175,205 @@ def test_unstorable_values_are_named(tmp_path):
     with pytest.raises(CheckpointError, match="not JSON"):
         save_checkpoint(tmp_path, state)
     assert not list(tmp_path.iterdir())
+
+
+# -- checksums and resume ------------------------------------------------------------------------
+
+def _data_start(path: Path) -> int:
+    """Offset of the first tensor byte: after the 8-byte length and the JSON header."""
+    with open(path, "rb") as fh:
+        return 8 + struct.unpack("<Q", fh.read(8))[0]
+
+
+def _three_checkpoints(folder: Path) -> list[Path]:
+    _, optimizer = _trained_optimizer()
+    return [save_checkpoint(folder, _state(step, optimizer)) for step in (10, 20, 30)]
+
+
+def test_checksum_is_written_and_verified(tmp_path):
+    _, optimizer = _trained_optimizer()
+    path = save_checkpoint(tmp_path, _state(7, optimizer))
+    loaded = load_checkpoint(path)
+    assert loaded.notes == []
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as fh:
+        checksum = json.loads(fh.metadata()[CHECKSUM_KEY])
+        keys = sorted(fh.keys())
+    assert checksum["algorithm"] == "sha256" and sorted(checksum["tensors"]) == keys
+
+
+def test_bad_data_bytes_behind_a_good_header_are_named(tmp_path):
+    older, newer = _three_checkpoints(tmp_path)[1:]
+    start = _data_start(newer)
+    with open(newer, "r+b") as fh:  # NaN bytes over the start of the data region; the header is untouched
+        fh.seek(start)
+        fh.write(struct.pack("<f", float("nan")))
+    with pytest.raises(CheckpointError, match=r"checkpoint-00000030\.safetensors: data corrupted: 1 of 9 tensors do "
+                                              r"not match their checksum \(\w+\.[\w.]+\)$"):
+        load_checkpoint(newer)
+    point = resume_point(tmp_path)
+    assert point.path == older and point.step == 20
+    assert len(point.skipped) == 1 and point.skipped[0][0] == newer and "data corrupted" in point.skipped[0][1]
+    assert point.notes[0].startswith("skipped checkpoint-00000030.safetensors: data corrupted")
+    assert latest_checkpoint(tmp_path) == older  # the old name gives the same answer
+
+
+def test_truncated_latest_falls_back_to_the_previous(tmp_path):
+    older, newer = _three_checkpoints(tmp_path)[1:]
+    size = newer.stat().st_size
+    with open(newer, "r+b") as fh:
+        fh.truncate(size - 10)
+    with pytest.raises(CheckpointError, match=rf"checkpoint-00000030\.safetensors: truncated: {size - 10} bytes, "
+                                              rf"its header describes {size}"):
+        load_checkpoint(newer)
+    point = resume_point(tmp_path)
+    assert point.path == older and point.state.step == 20
+    assert [(p.name, why.split(":")[0]) for p, why in point.skipped] == [("checkpoint-00000030.safetensors", "truncated")]
+
+
+def test_altered_metadata_and_misnamed_files_are_refused(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file as raw_save
+
+    path = _three_checkpoints(tmp_path)[-1]
+    with safe_open(str(path), framework="pt") as fh:
+        metadata, tensors = fh.metadata(), {k: fh.get_tensor(k) for k in fh.keys()}
+    raw_save(tensors, str(path), {**metadata, "extra": json.dumps({"loss": 9.0})})
+    with pytest.raises(CheckpointError, match="metadata does not match its checksum"):
+        load_checkpoint(path)
+    renamed = tmp_path / "checkpoint-00000040.safetensors"
+    renamed.write_bytes((tmp_path / "checkpoint-00000020.safetensors").read_bytes())
+    with pytest.raises(CheckpointError, match="holds step 20, not the step in its name"):
+        load_checkpoint(renamed)
+    point = resume_point(tmp_path)
+    assert point.step == 20 and [p.name for p, _ in point.skipped] == [renamed.name, path.name]
+
+
+def test_all_corrupt_is_an_error_listing_every_file(tmp_path):
+    paths = _three_checkpoints(tmp_path)
+    paths[0].write_bytes(b"\x00" * 10)
+    with open(paths[1], "r+b") as fh:
+        fh.truncate(paths[1].stat().st_size // 2)
+    with open(paths[2], "r+b") as fh:
+        fh.seek(paths[2].stat().st_size - 4)
+        fh.write(b"\xff\xff\xff\xff")
+    with pytest.raises(NoIntactCheckpointError) as caught:
+        resume_point(tmp_path)
+    message = str(caught.value)
+    assert "no intact checkpoint" in message and "\n" not in message
+    for path, reason in [(paths[2], "data corrupted"), (paths[1], "truncated"), (paths[0], "not a readable")]:
+        assert f"{path.name}: {reason}" in message
+    assert [p for p, _ in caught.value.skipped] == paths[::-1]
+    with pytest.raises(CheckpointError, match="no intact checkpoint"):  # never None: no silent restart at step 0
+        latest_checkpoint(tmp_path)
+    assert resume_point(tmp_path / "missing") is None and resume_point(tmp_path / "missing") is None
+
+
+def test_checkpoint_without_checksum_loads_with_a_note(tmp_path):
+    from safetensors.torch import save_file as raw_save
+
+    _, optimizer = _trained_optimizer()
+    tensors, metadata = checkpoint_module._contents(_state(5, optimizer))
+    del metadata[CHECKSUM_KEY]  # what checkpoints looked like before checksums
+    raw_save(tensors, str(tmp_path / "checkpoint-00000005.safetensors"), metadata)
+    point = resume_point(tmp_path)
+    assert point.step == 5 and point.skipped == []
+    assert point.notes == ["checkpoint-00000005.safetensors: written without a checksum (older format); "
+                           "its data could not be verified"]
+    _assert_same(point.state.optimizer, optimizer.state_dict())
+
+
+def test_write_that_does_not_verify_prunes_nothing(tmp_path, monkeypatch):
+    _, optimizer = _trained_optimizer()
+    for step in (1, 2):
+        save_checkpoint(tmp_path, _state(step, optimizer), keep_last=2)
+    real = checkpoint_module.atomic_save_file
+
+    def damaged(tensors, metadata, final):
+        real(tensors, metadata, final)
+        with open(final, "r+b") as fh:
+            fh.truncate(final.stat().st_size - 1)
+
+    monkeypatch.setattr(checkpoint_module, "atomic_save_file", damaged)
+    with pytest.raises(CheckpointError, match="checkpoint-00000003.safetensors: truncated"):
+        save_checkpoint(tmp_path, _state(3, optimizer), keep_last=2)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [1, 2, 3]
+    assert resume_point(tmp_path).step == 2
+
+
+_KILL_SCRIPT = """
+import os, sys, time
+sys.path.insert(0, {scripts!r})
+from comfyenv import install_import_paths
+install_import_paths()
+import torch
+from comfyui_lycoris.core import adapter_file
+from comfyui_lycoris.trainer import checkpoint
+
+def state(step):
+    adapter = {{f"lycoris_m{{i}}.lokr_w1": torch.full((256, 256), float(step)) for i in range(8)}}
+    return checkpoint.TrainingState(step, adapter, {{"state": {{}}, "param_groups": []}})
+
+if {mode!r} == "half":  # stop half way through writing the temp file, and wait to be killed
+    from safetensors.torch import save
+
+    def half_written(tensors, path, metadata):
+        data = save(tensors, metadata)
+        with open(path, "wb") as fh:
+            fh.write(data[: len(data) // 2])
+            fh.flush()
+            os.fsync(fh.fileno())
+        print("writing", flush=True)
+        time.sleep(600)
+
+    adapter_file.save_file = half_written
+    checkpoint.save_checkpoint({folder!r}, state(20))
+else:  # keep writing checkpoints until killed
+    print("writing", flush=True)
+    for step in range(20, 100000):
+        checkpoint.save_checkpoint({folder!r}, state(step), keep_last=2)
+"""
+
+
+def _killed_writer(folder: Path, mode: str, delay: float = 0.0) -> None:
+    script = _KILL_SCRIPT.format(scripts=str(REPO / "scripts"), folder=str(folder), mode=mode)
+    writer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        line = writer.stdout.readline()
+        assert line.strip() == "writing", writer.stderr.read()
+        time.sleep(delay)
+        os.kill(writer.pid, signal.SIGKILL)
+        writer.wait(timeout=60)
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+        writer.stdout.close()
+        writer.stderr.close()
+    assert writer.returncode == -signal.SIGKILL
+
+
+def test_sigkill_in_the_middle_of_a_write_keeps_the_previous_checkpoint(tmp_path):
+    _, optimizer = _trained_optimizer()
+    previous = save_checkpoint(tmp_path, _state(10, optimizer))
+    _killed_writer(tmp_path, "half")
+    partial = [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert len(partial) == 1 and partial[0].name.startswith(".checkpoint-00000020.") and partial[0].stat().st_size
+    assert list_checkpoints(tmp_path) == [(10, previous)]  # the partial file is not taken for a checkpoint
+    point = resume_point(tmp_path)
+    assert point.path == previous and point.skipped == [] and point.state.step == 10
+    save_checkpoint(tmp_path, _state(11, optimizer))  # the next save cleans up, even without pruning
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-00000010.safetensors",
+                                                          "checkpoint-00000011.safetensors"]
+
+
+@pytest.mark.parametrize("delay", [0.7, 1.3])
+def test_sigkill_at_any_time_leaves_only_intact_checkpoints(tmp_path, delay):
+    """A writer saving (and pruning) in a loop, killed at an arbitrary moment: whatever is listed is intact."""
+    _killed_writer(tmp_path, "loop", delay)
+    listed = list_checkpoints(tmp_path)
+    assert listed, "the writer was killed before its first checkpoint; raise the delay"
+    for step, path in listed:
+        assert load_checkpoint(path).step == step
+    point = resume_point(tmp_path)
+    assert point.skipped == [] and point.step == listed[-1][0]

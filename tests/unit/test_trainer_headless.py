@@ -21,7 +21,7 @@ from comfyui_lycoris.core.config import parse_config
 from comfyui_lycoris.core.targets import plan_for
 from comfyui_lycoris.core.tiny import TinySizes, pattern_latents
 from comfyui_lycoris.trainer import headless
-from comfyui_lycoris.trainer.checkpoint import latest_checkpoint, load_checkpoint
+from comfyui_lycoris.trainer.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from comfyui_lycoris.trainer.checkpointing import gradient_checkpointing
 from comfyui_lycoris.trainer.data import TrainingSet, from_latent_batch
 from comfyui_lycoris.trainer.distributed import World
@@ -76,7 +76,7 @@ def test_job_file_errors_name_the_field(model, tmp_path):
         read_job(tmp_path / "nothing")
     write_job(tmp_path / "job", spec(), tiny_set(model), ModelRef("tiny", SIZES))
     document = json.loads((tmp_path / "job" / "job.json").read_text())
-    for change, message in [({"spec": {**document["spec"], "steps": 0}}, "spec: steps"),
+    for change, message in [({"spec": {**document["spec"], "steps": 0}}, "spec.steps"),
                             ({"model": {**document["model"], "kind": "onnx"}}, "model.kind"),
                             ({"format": "other"}, "format")]:
         (tmp_path / "job" / "job.json").write_text(json.dumps({**document, **change}))
@@ -182,7 +182,103 @@ def test_exported_job_trains_headless_cancels_and_resumes(model, tmp_path):
     run = _trainer(folder)
     out_text, err_text = run.communicate(timeout=300)
     assert run.returncode == 0, err_text
-    assert f"resuming from checkpoint-{saved.step:08d}" in out_text and f"step {saved.step + 1}/12" in out_text
+    assert f"from checkpoint-{saved.step:08d}" in out_text and f"step {saved.step + 1}/12" in out_text
     assert "step 12/12" in out_text and "adapter saved to" in out_text
     adapter = read_adapter(folder / "loras" / "exported" / "run.safetensors")
     assert adapter.modules and adapter.config is not None and adapter.config.algo == "lokr"
+
+
+# -- unusable job folders and finished jobs ------------------------------------------------------
+
+def _tiny_job(model, folder: Path, **overrides) -> Path:
+    write_job(folder, spec(**overrides), tiny_set(model), ModelRef("tiny", SIZES))
+    return folder
+
+
+def _edit_job(folder: Path, edit) -> None:
+    document = json.loads((folder / "job.json").read_text())
+    edit(document)
+    (folder / "job.json").write_text(json.dumps(document))
+
+
+def _run_in_process(folder: Path, capsys) -> tuple[int, str, str]:
+    out = io.StringIO()
+    code = headless.main(["run", str(folder)], out=out)
+    return code, out.getvalue(), capsys.readouterr().err
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda d: d["spec"].update(steps="ten"), "spec.steps: must be an integer (got 'ten')"),
+    (lambda d: d["spec"].update(learning_rate=True), "spec.learning_rate: must be a number (got True)"),
+    (lambda d: d["spec"].pop("config_json"), "spec.config_json: missing"),
+    (lambda d: d["spec"].update(config_json="{not json"), "spec.config_json: config: malformed JSON at line 1"),
+    (lambda d: d["spec"].update(config_json='{"algo": "lokr", "multiplier": "x"}'), "spec.config_json: multiplier"),
+    (lambda d: d["spec"].update(optimizer="sgd"), "spec.optimizer: must be one of"),
+    (lambda d: d.update(spec=[1]), "spec: must be an object"),
+    (lambda d: d["model"]["tiny"].update(width=60, heads=7), "model.tiny.width: 60 is not divisible by heads=7"),
+    (lambda d: d["model"]["tiny"].update(width="wide"), "model.tiny.width: must be an integer (got 'wide')"),
+    (lambda d: d["model"]["tiny"].update(family="sd3"), "model.tiny.family: 'sd3' is not one of"),
+    (lambda d: d["model"].update(tiny=3), "model.tiny: must be an object (got 3)"),
+    (lambda d: d["model"].update(dtype="float64"), "model.dtype: must be one of"),
+    (lambda d: d.update(dataset=5), "dataset: must be a string (got 5)"),
+])
+def test_unusable_job_fields_exit_2_naming_the_field(model, tmp_path, capsys, edit, message):
+    folder = _tiny_job(model, tmp_path / "job")
+    _edit_job(folder, edit)
+    code, out, err = _run_in_process(folder, capsys)
+    assert code == headless.EXIT_USAGE, err
+    assert err.startswith(f"error: job.json: {message}") and err.count("\n") == 1, err
+    assert sorted(p.name for p in folder.iterdir()) == ["dataset.safetensors", "job.json"]  # nothing written
+
+
+def test_wrongly_typed_field_exits_2_from_the_command_line(model, tmp_path):
+    folder = _tiny_job(model, tmp_path / "job")
+    _edit_job(folder, lambda d: d["spec"].update(steps="ten"))
+    run = _trainer(folder)
+    out_text, err_text = run.communicate(timeout=300)
+    assert run.returncode == headless.EXIT_USAGE
+    assert err_text == "error: job.json: spec.steps: must be an integer (got 'ten')\n"
+
+
+def _files(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_finished_job_rerun_changes_nothing_and_corrupt_checkpoints_are_handled(model, tmp_path, capsys):
+    folder = _tiny_job(model, tmp_path / "job", steps=2, save_every=1, keep_last=5)
+    checkpoints, adapter = folder / "checkpoints", (folder / "loras" / "t.safetensors").resolve()
+    code, out, err = _run_in_process(folder, capsys)
+    assert code == 0 and adapter.is_file(), err
+    assert [s for s, _ in list_checkpoints(checkpoints)] == [1, 2]
+
+    before = _files(folder)  # run again: it says so, names the adapter, and writes nothing
+    code, out, err = _run_in_process(folder, capsys)
+    assert code == 0 and "already complete (2 of 2 steps, checkpoint-00000002.safetensors)" in out, out + err
+    assert f"adapter: {adapter}" in out and "step 1/" not in out and "step 2/" not in out
+    assert _files(folder) == before
+
+    adapter.unlink()  # finished, adapter gone: still complete, says the adapter is missing, writes nothing
+    before = _files(folder)
+    code, out, err = _run_in_process(folder, capsys)
+    assert code == 0 and "already complete" in out and "no adapter of 2 steps named t in" in out, out + err
+    assert _files(folder) == before
+
+    final = checkpoints / "checkpoint-00000002.safetensors"  # newest checkpoint damaged: resume from the one before
+    with open(final, "r+b") as fh:
+        fh.truncate(final.stat().st_size - 100)
+    code, out, err = _run_in_process(folder, capsys)
+    assert code == 0, err
+    assert "warning: skipped checkpoint-00000002.safetensors: truncated" in err and "step 1/" not in out
+    assert "from checkpoint-00000001.safetensors" in out and "step 2/2" in out
+    assert load_checkpoint(final).step == 2 and read_adapter(adapter).metadata["lycoris_pack.steps"] == "2"
+
+    for path in (final, checkpoints / "checkpoint-00000001.safetensors"):  # all corrupt: exit 2, nothing restarts
+        with open(path, "r+b") as fh:
+            fh.truncate(path.stat().st_size // 2)
+    before = _files(folder)
+    code, out, err = _run_in_process(folder, capsys)
+    assert code == headless.EXIT_USAGE and err.count("\n") == 1, err
+    assert err.startswith("error: checkpoints: ") and "no intact checkpoint" in err
+    assert "checkpoint-00000002.safetensors: truncated" in err and "checkpoint-00000001.safetensors: truncated" in err
+    assert _files(folder) == before

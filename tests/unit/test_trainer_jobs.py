@@ -38,9 +38,10 @@ def spec(**overrides) -> JobSpec:
         "steps": 30, "learning_rate": 3e-3, "save_every": 10, "seed": 4, "output_name": "t", **overrides})
 
 
-def run(queue, model, data, tmp_path, job_spec, name="run"):
+def run(queue, model, data, tmp_path, job_spec, name="run", resume=False):
     folders = Folders(tmp_path / name, tmp_path / "loras")
-    job = queue.submit(job_spec, lambda j, c: run_training(j, c, model, data, folders), name=name)
+    job = queue.submit(job_spec, lambda control: run_training(job_spec, name, model, data, folders, control,
+                                                              resume=resume).message, name=name)
     return job, folders
 
 
@@ -69,7 +70,7 @@ def test_cancel_then_resume_equals_uninterrupted(setup, tmp_path):
     assert partial.done_event.wait(300) and partial.state == "cancelled"
     saved = load_checkpoint(latest_checkpoint(folders.checkpoints))
     assert saved.step == partial.step and saved.step < 20
-    resumed, _ = run(queue, model, data, tmp_path, spec(steps=20), "resumed")
+    resumed, _ = run(queue, model, data, tmp_path, spec(steps=20), "resumed", resume=True)
     assert resumed.done_event.wait(300) and resumed.state == "done", resumed.message
     assert resumed.losses[0][0] == saved.step + 1, "resume continues at the saved step"
     ours = load_checkpoint(latest_checkpoint(tmp_path / "resumed")).adapter
