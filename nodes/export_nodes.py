@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shlex
 import shutil
+import uuid
 from pathlib import Path
 
 import folder_paths
@@ -16,8 +17,7 @@ from ..core.paths import PathNameError
 from ..core.tiny import TinySizes
 from ..trainer.job_folders import reserve_folder
 from ..trainer.jobfile import JobFileError, ModelRef, write_job
-from ..trainer.spec import SpecError, check_output_name
-from .train_nodes import TrainLycoris, job_spec
+from .train_nodes import TrainLycoris, job_spec, output_name_problem
 from .types import TRAIN_CATEGORY
 
 TINY = "tiny (rebuilt from its recipe)"
@@ -105,14 +105,12 @@ class ExportLycorisJob(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, output_name) -> bool | str:
-        """A bad output_name refuses the prompt before any node runs (None: linked, checked at run)."""
-        if output_name is None:
-            return True
-        try:
-            check_output_name(output_name)
-        except SpecError as err:
-            return str(err)
-        return True
+        return output_name_problem(output_name)
+
+    @classmethod
+    def fingerprint_inputs(cls, **inputs):
+        """Never cached: queueing it again writes a new job folder (the old one may have been moved)."""
+        return uuid.uuid4().hex
 
     @classmethod
     def execute(cls, model, dataset, config, steps, batch_size, grad_accumulation, learning_rate, lr_schedule,

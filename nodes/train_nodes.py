@@ -150,6 +150,17 @@ def job_spec(label: str, config, steps, batch_size, grad_accumulation, learning_
         raise ValueError(f"{label}: {err}") from None
 
 
+def output_name_problem(output_name) -> bool | str:
+    """A bad output_name refuses the prompt before any node runs (None: linked, checked at run)."""
+    if output_name is None:
+        return True
+    try:
+        check_output_name(output_name)
+    except SpecError as err:
+        return str(err)
+    return True
+
+
 def jobs_root() -> Path:
     """Where job folders live: ComfyUI's output folder / lycoris_jobs."""
     return Path(folder_paths.get_output_directory()) / "lycoris_jobs"
@@ -249,14 +260,7 @@ class TrainLycoris(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, output_name) -> bool | str:
-        """A bad output_name refuses the prompt before any node runs (None: linked, checked at run)."""
-        if output_name is None:
-            return True
-        try:
-            check_output_name(output_name)
-        except SpecError as err:
-            return str(err)
-        return True
+        return output_name_problem(output_name)
 
     @classmethod
     def fingerprint_inputs(cls, **inputs):
