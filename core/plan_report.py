@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Sequence
 
 from .lycoris_modules import adapter_param_shapes
 from .targets import Plan, PlannedTarget
@@ -28,23 +29,37 @@ def plan_stats(plan: Plan) -> dict:
     return {"classes": dict(per_class), "params": total, "modules": len(plan.targets)}
 
 
-def _size(n_bytes: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n_bytes < 1024 or unit == "GB":
+def size_text(n_bytes: float) -> str:
+    """Human size in binary units, e.g. '1.5 GB', '2.2 PB'."""
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
+        if n_bytes < 1024:
             return f"{n_bytes:.0f} {unit}" if unit == "B" else f"{n_bytes:.1f} {unit}"
         n_bytes /= 1024
-    return ""
+    return f"{n_bytes:,.1f} EB"
 
 
-def summarize(plan: Plan, title: str = "") -> str:
-    """Multi-line text for the node: targets per class, parameters, file size estimates."""
+def summarize(plan: Plan, title: str = "", errors: Sequence[str] = (), warnings: Sequence[str] | None = None) -> str:
+    """Multi-line text for the node: problems first, then targets per class, parameters, file size.
+
+    `errors` are what Train LyCORIS would refuse (from `trainer.preflight.review`); `warnings`
+    default to the plan's own.
+    """
+    warnings = plan.warnings if warnings is None else warnings
     stats = plan_stats(plan)
-    lines = [title or f"LyCORIS plan for {plan.family}",
-             f"{stats['modules']} modules, {stats['params']:,} parameters"]
+    lines = []
+    if errors:
+        lines.append(f"ERRORS ({len(errors)}): Train LyCORIS refuses this config on this model")
+        lines += [f"  x {e}" for e in errors]
+    if warnings:
+        lines.append(f"WARNINGS ({len(warnings)}): this config probably does not do what you meant")
+        lines += [f"  ! {w}" for w in warnings]
+    if lines:
+        lines.append("")
+    lines += [title or f"LyCORIS plan for {plan.family}",
+              f"{stats['modules']} modules, {stats['params']:,} parameters"]
     for cls, entry in sorted(stats["classes"].items()):
         lines.append(f"  {cls}: {entry['modules']} modules, {entry['params']:,} params "
                      f"({'; '.join(sorted(entry['settings']))})")
-    sizes = ", ".join(f"{_size(stats['params'] * b)} in {name}" for name, b in _BYTES.items())
+    sizes = ", ".join(f"{size_text(stats['params'] * b)} in {name}" for name, b in _BYTES.items())
     lines.append(f"file size about {sizes}")
-    lines += [f"warning: {w}" for w in plan.warnings]
     return "\n".join(lines)

@@ -197,7 +197,108 @@ def resolve(config: LycorisConfig, skeleton: torch.nn.Module, profile: FamilyPro
         ))
     if not targets:
         raise _no_match_error(config, skeleton, profile)
-    return Plan(family=profile.name, targets=tuple(targets), warnings=config.warnings)
+    warnings = target_warnings(config, skeleton, profile, targets)
+    return Plan(family=profile.name, targets=tuple(targets), warnings=(*config.warnings, *warnings))
+
+
+# -- warnings: targets that resolve, but probably not as their author meant ------------------
+
+# Kinds of target classes. A multi-family config lists each kind's class under every family's
+# name (Flux2Attention, FluxAttention, Attention): a class that matches nothing is only worth a
+# warning when no class of its kind matched, i.e. the model gets none of the layers it names.
+_KINDS = (
+    ("layer", ("Linear", "Conv1d", "Conv2d", "Conv3d", "LayerNorm", "GroupNorm", "RMSNorm")),
+    ("attention", ("Attention", "Attn")),
+    ("feed-forward", ("FeedForward", "MLP", "GEGLU", "SwiGLU", "GELU")),
+    ("transformer block", ("TransformerBlock",)),
+)
+
+
+def class_kind(name: str) -> str | None:
+    """'attention', 'feed-forward', 'transformer block', 'layer' (torch layers), or None."""
+    for kind, words in _KINDS:
+        found = name in words if kind == "layer" else any(w in name for w in words)
+        if found:
+            return kind
+    return None
+
+
+def _owner_counts(targets: list[PlannedTarget]) -> str:
+    counts: dict[str, int] = {}
+    for t in targets:
+        counts[t.owner_class] = counts.get(t.owner_class, 0) + 1
+    return ", ".join(f"{cls}: {n} modules" for cls, n in counts.items())
+
+
+def _class_warnings(config: LycorisConfig, skeleton: torch.nn.Module, profile: FamilyProfile,
+                    targets: list[PlannedTarget]) -> list[str]:
+    present = {type(m).__name__ for m in skeleton.modules()}
+    preset = config.preset
+    wanted = list(dict.fromkeys([*preset.target_module, *preset.module_algo_map]))
+    covered = {class_kind(cls) for cls in wanted if cls in present}
+    layer_classes = _layer_classes(skeleton)
+    out = []
+    for cls in wanted:
+        kind = class_kind(cls)
+        if cls in present or (kind is not None and kind in covered):
+            continue
+        field_name = "target_module" if cls in preset.target_module else "module_algo_map"
+        same_kind = [c for c in layer_classes if kind is not None and class_kind(c) == kind]
+        what = f"no {kind} layer" if kind else f"no {cls} layer"
+        has = (f"this model's {kind} classes: {', '.join(same_kind)}" if same_kind
+               else f"this model's classes: {', '.join(layer_classes)}")
+        out.append(f"apply_preset.{field_name}: '{cls}' matched no module of this {profile.display_name} model, "
+                   f"so {what} is adapted (only {_owner_counts(targets)}); {has}")
+    return out
+
+
+def _name_warnings(config: LycorisConfig, skeleton: torch.nn.Module, profile: FamilyProfile,
+                   targets: list[PlannedTarget]) -> list[str]:
+    preset = config.preset
+    matcher = _Matcher(preset.use_fnmatch)
+    names = [name for name, _ in skeleton.named_modules() if name]
+    fields = [(f"target_name[{i}]", p) for i, p in enumerate(preset.target_name)]
+    fields += [(f"name_algo_map['{p}']", p) for p in preset.name_algo_map if p not in preset.target_name]
+    fields += [(f"exclude_name[{i}]", p) for i, p in enumerate(preset.exclude_name)]
+    out = []
+    for field_name, pattern in fields:
+        if any(matcher.any([pattern], name) for name in names):
+            continue
+        effect = "excludes nothing" if field_name.startswith("exclude") else "adapts nothing"
+        style = "fnmatch patterns" if preset.use_fnmatch else "regular expressions (re.match from the start)"
+        out.append(f"apply_preset.{field_name}: '{pattern}' matched no module of this {profile.display_name} "
+                   f"model, so it {effect}; names are diffusers module paths such as '{targets[0].path}', "
+                   f"written as {style}")
+    return out
+
+
+def _sdxl_feedforward_warning(skeleton: torch.nn.Module, profile: FamilyProfile,
+                              targets: list[PlannedTarget]) -> list[str]:
+    if profile.name != "sdxl":
+        return []
+    blocks = tuple(f"{name}." for name, m in skeleton.named_modules() if type(m).__name__ == "FeedForward")
+    inside = [t for t in targets if t.path.startswith(blocks)]
+    if not inside:
+        return []
+    owners = sorted({t.owner_class for t in inside})
+    return [f"FeedForward: {len(inside)} adapted layers are inside SDXL's FeedForward blocks (selected by "
+            f"{', '.join(owners)}, e.g. {inside[0].path}); SimpleTuner's LyCORIS guide reports that training "
+            "them can send SDXL's loss to NaN. Train attention only (the sdxl_lokr_attention preset: "
+            "target_module ['Attention']) unless you mean to"]
+
+
+def target_warnings(config: LycorisConfig, skeleton: torch.nn.Module, profile: FamilyProfile,
+                    targets: list[PlannedTarget]) -> list[str]:
+    """Selections that resolve but probably not as meant: a preset written for other families, a
+    target class or name pattern that matches nothing (while others match), FeedForward on SDXL."""
+    out = []
+    if config.families and profile.name not in config.families:
+        out.append(f"families: this config is written for {', '.join(config.families)}, not for this "
+                   f"{profile.display_name} model")
+    if "apply_preset" in config.source:  # LyCORIS's defaults list every layer class, for any model
+        out += _class_warnings(config, skeleton, profile, targets)
+        out += _name_warnings(config, skeleton, profile, targets)
+    return out + _sdxl_feedforward_warning(skeleton, profile, targets)
 
 
 @functools.lru_cache(maxsize=8)

@@ -11,6 +11,7 @@ from ..core import host
 from ..core.config import ConfigError, load_json, parse_config
 from ..core.plan_report import summarize
 from ..core.targets import plan_for
+from ..trainer.preflight import PreflightError, review
 from .types import CATEGORY, LycorisConfig
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -75,7 +76,9 @@ class Plan(io.ComfyNode):
             description=(
                 "Shows what a config adapts on this model, resolved exactly as SimpleTuner/LyCORIS would: "
                 "modules per class, algorithm settings, parameter count and file size. Zero matches is an error "
-                "that lists the classes the model has."
+                "that lists the classes the model has; what Train LyCORIS would refuse (ranks beyond a layer's "
+                "width, absurd sizes) and what probably does not do what you meant (a target class that matches "
+                "nothing, FeedForward on SDXL) is listed first."
             ),
             inputs=[
                 io.Model.Input("model", tooltip="A Flux 2, Flux 1 or SDXL model."),
@@ -87,11 +90,13 @@ class Plan(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, config) -> io.NodeOutput:
+        unet_config = host.model_unet_config(model)
         try:
-            plan = plan_for(config, host.model_unet_config(model))
-        except ConfigError as err:
+            plan = plan_for(config, unet_config)
+            found = review(config, unet_config, plan=plan)
+        except (ConfigError, PreflightError) as err:
             raise ValueError(f"LyCORIS config error: {err}") from None
-        text = summarize(plan)
+        text = summarize(plan, errors=found.errors, warnings=found.warnings)
         return io.NodeOutput(text, ui=ui.PreviewText(text))
 
 

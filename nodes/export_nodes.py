@@ -17,7 +17,7 @@ from ..core.paths import PathNameError
 from ..core.tiny import TinySizes
 from ..trainer.job_folders import reserve_folder
 from ..trainer.jobfile import JobFileError, ModelRef, write_job
-from .train_nodes import TrainLycoris, job_spec, output_name_problem
+from .train_nodes import TrainLycoris, check_submission, job_spec, output_name_problem
 from .types import TRAIN_CATEGORY
 
 TINY = "tiny (rebuilt from its recipe)"
@@ -119,6 +119,7 @@ class ExportLycorisJob(io.ComfyNode):
         spec = job_spec("Export LyCORIS Job", config, steps, batch_size, grad_accumulation, learning_rate,
                         lr_schedule, warmup_steps, optimizer, seed, dtype, gradient_checkpointing, save_every,
                         keep_last, nan_policy, output_name)
+        warnings = check_submission("Export LyCORIS Job", config, model, dataset, spec)
         folder = _job_folder(output_name)  # refuses a folder that leads outside before any work
         try:
             reference = _tiny_ref(model, tiny_seed) if base_model == TINY else _file_ref(model, base_model)
@@ -130,7 +131,7 @@ class ExportLycorisJob(io.ComfyNode):
             raise
         quoted = shlex.quote(str(folder))
         text = (f"job written to {folder}\nfrom the pack's folder run:\n  python -m trainer run {quoted}\n"
-                f"  torchrun --nproc_per_node=8 -m trainer run {quoted}")
+                f"  torchrun --nproc_per_node=8 -m trainer run {quoted}") + "".join(f"\nwarning: {w}" for w in warnings)
         return io.NodeOutput(str(folder), ui=ui.PreviewText(text))
 
 

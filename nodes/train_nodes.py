@@ -11,6 +11,7 @@ from pathlib import Path
 import folder_paths
 from comfy_api.latest import io, ui
 
+from ..core import host
 from ..core.config import ConfigError, parse_config
 from ..core.loss_plot import loss_curve
 from ..core.paths import resolve_inside
@@ -19,6 +20,7 @@ from ..trainer.data import DatasetError, encoded_set, folder_items, from_latent_
 from ..trainer.job_folders import newest_folder, reserve_folder
 from ..trainer.jobs import ACTIVE
 from ..trainer.loop import Folders, run_training
+from ..trainer.preflight import PreflightError, preflight
 from ..trainer.spec import DTYPES, NAN_POLICIES, OPTIMIZERS, SCHEDULES, JobSpec, SpecError, check_output_name
 from . import job_service
 from .types import TRAIN_CATEGORY, LycorisAdapter, LycorisConfig, LycorisDataset, LycorisJob
@@ -150,6 +152,15 @@ def job_spec(label: str, config, steps, batch_size, grad_accumulation, learning_
         raise ValueError(f"{label}: {err}") from None
 
 
+def check_submission(label: str, config, model, dataset, spec: JobSpec) -> list[str]:
+    """Preflight of a training submission against its model and data: warnings, or a node error naming the field."""
+    try:
+        return preflight(config, host.model_unet_config(model), dataset, spec,
+                         latent_channels=host.latent_layout(model)[0])
+    except PreflightError as err:
+        raise ValueError(f"{label}: {err}") from None
+
+
 def output_name_problem(output_name) -> bool | str:
     """A bad output_name refuses the prompt before any node runs (None: linked, checked at run)."""
     if output_name is None:
@@ -193,9 +204,11 @@ def job_folder(output_name: str, resume: bool, steps: int) -> tuple[Path, str]:
     return folder, f"{note}; folder {folder.name}"
 
 
-def _train(spec: JobSpec, name: str, model, dataset, folders: Folders, resume: bool, control) -> str:
-    """A job's work: the training loop with the queue's control as its reporter."""
-    return run_training(spec, name, model, dataset, folders, control, resume=resume).message
+def _train(spec: JobSpec, name: str, model, dataset, folders: Folders, resume: bool, warnings: list[str],
+           control) -> str:
+    """A job's work: the training loop with the queue's control as its reporter; its message keeps the warnings."""
+    message = run_training(spec, name, model, dataset, folders, control, resume=resume).message
+    return "\n".join([message, *(f"warning: {w}" for w in warnings)])
 
 
 class TrainLycoris(io.ComfyNode):
@@ -252,11 +265,13 @@ class TrainLycoris(io.ComfyNode):
         spec = job_spec("Train LyCORIS", config, steps, batch_size, grad_accumulation, learning_rate, lr_schedule,
                         warmup_steps, optimizer, seed, dtype, gradient_checkpointing, save_every, keep_last,
                         nan_policy, output_name)
+        warnings = check_submission("Train LyCORIS", config, model, dataset, spec)
         folder, note = job_folder(spec.output_name, resume, steps)
         folders = Folders(folder, Path(folder_paths.get_folder_paths("loras")[0]))
-        work = functools.partial(_train, spec, spec.output_name, model, dataset, folders, resume)
+        work = functools.partial(_train, spec, spec.output_name, model, dataset, folders, resume, warnings)
         job = job_service.queue().submit(spec, work, name=spec.output_name, folder=folder)
-        return io.NodeOutput(job, ui={"job_id": [job.id], "text": [f"job {job.id} submitted: {steps} steps; {note}"]})
+        text = "\n".join([f"job {job.id} submitted: {steps} steps; {note}", *(f"warning: {w}" for w in warnings)])
+        return io.NodeOutput(job, ui={"job_id": [job.id], "text": [text]})
 
     @classmethod
     def validate_inputs(cls, output_name) -> bool | str:

@@ -9,6 +9,7 @@ during it is its own.
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from comfyserver import PromptError
 pytestmark = pytest.mark.integration
 
 ACTIVE = ("queued", "running", "waiting")
+CUSTOM = "custom"
 IGNORED = ("user/", "temp/")  # ComfyUI's own settings and previews
 
 
@@ -179,3 +181,36 @@ def test_sampling_the_trained_model_is_unchanged_before_during_and_after(comfy_s
     ended(comfy_server, running["id"])
     after = _sample(comfy_server, "safety/sample_after")
     assert before == during == after
+
+
+@pytest.mark.parametrize("change,field", [
+    ({"config": {"class_type": "LycorisConfig", "inputs": {
+        "preset": CUSTOM, "config_json": json.dumps({"algo": "lora", "multiplier": 1, "linear_dim": 4,
+                                                     "linear_alpha": 4, "apply_preset": {"target_module": ["NoSuchClass"]}})}}},
+     "apply_preset"),
+    ({"config": {"class_type": "LycorisConfig", "inputs": {"preset": "lora",
+                                                          "config_json": '{"linear_dim": 99999999999}'}}},
+     "linear_dim"),
+    ({"latents": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}},
+     "dataset"),
+], ids=["no-layer", "absurd-rank", "sdxl-latents"])
+def test_bad_submissions_fail_the_prompt_not_only_the_job(comfy_server, change, field):
+    watch = Watch(comfy_server)
+    jobs_before = len(comfy_server.get("/lycoris/jobs")["jobs"])
+    prompt = train(2, "safety/refused")
+    prompt.update(change)
+    with pytest.raises(PromptError, match=f"Train LyCORIS: {field}"):
+        comfy_server.run(prompt)
+    assert len(comfy_server.get("/lycoris/jobs")["jobs"]) == jobs_before, "no job was submitted"
+    assert watch.check() == []
+
+
+def test_a_config_probably_not_meant_warns_on_train(comfy_server):
+    prompt = train(2, "safety/warned")
+    prompt["config"]["inputs"].update({"preset": CUSTOM, "config_json": json.dumps(
+        {"algo": "lora", "multiplier": 1, "linear_dim": 4, "linear_alpha": 4,
+         "apply_preset": {"target_module": ["Attention", "Flux2FeedForward"]}})})
+    outputs = comfy_server.run(prompt)
+    assert "warning: apply_preset.target_module: 'Attention' matched no module" in outputs["train"]["text"][0]
+    done = ended(comfy_server, outputs["train"]["job_id"][0])
+    assert done["state"] == "done" and "warning: apply_preset.target_module" in done["message"]

@@ -133,3 +133,58 @@ def test_summary_counts_parameters():
                                   if not n.startswith("org_"))
     text = summarize(plan)
     assert "Flux2Attention" in text and "Flux2FeedForward" in text and f"{stats['params']:,} parameters" in text
+
+
+GENERIC = {"algo": "lokr", "multiplier": 1.0, "linear_dim": 10000, "linear_alpha": 1, "factor": 10,
+           "apply_preset": {"target_module": ["Attention", "FeedForward"]}}
+
+
+def plan_of(config, family):
+    profile = profile_named(family)
+    ucfg = comfy_unet_config(family)
+    return resolve(parse_config(config), profile.build_skeleton(ucfg), profile, ucfg)
+
+
+def test_generic_attention_on_flux1_warns_which_class_matched_nothing():
+    """SimpleTuner's generic example selects only FeedForward on Flux 1: say so, and name Flux 1's class."""
+    plan = plan_of(GENERIC, "flux1")
+    assert {t.owner_class for t in plan.targets} == {"FeedForward"}
+    assert plan.warnings == (
+        "apply_preset.target_module: 'Attention' matched no module of this Flux 1 model, so no attention layer is "
+        "adapted (only FeedForward: 8 modules); this model's attention classes: FluxAttention",)
+    mapped = plan_of({**GENERIC, "apply_preset": {"module_algo_map": {"Attention": {}, "FeedForward": {}}}}, "flux1")
+    assert mapped.warnings[0].startswith("apply_preset.module_algo_map: 'Attention' matched no module")
+    assert "this model's classes:" in plan_of({**GENERIC, "apply_preset": {"target_module": ["Nope", "FeedForward"]}},
+                                              "flux1").warnings[0]
+
+
+@pytest.mark.parametrize("path, family", PRESET_CASES, ids=[f"{p.stem}-{f}" for p, f in PRESET_CASES])
+def test_multi_family_presets_do_not_warn_about_other_families_classes(path, family):
+    """lora/loha/tlora list each kind under every family's class name: no class warning when the kind matched."""
+    plan = plan_of(json.loads(path.read_text()), family)
+    assert not [w for w in plan.warnings if "matched no module" in w or w.startswith("families:")]
+    feedforward = [w for w in plan.warnings if w.startswith("FeedForward:")]
+    assert bool(feedforward) == (family == "sdxl" and path.stem in ("lora", "loha", "all_linear_lokr"))
+
+
+def test_feedforward_on_sdxl_warns_and_names_the_attention_preset():
+    (warning,) = plan_of({**GENERIC, "full_matrix": True}, "sdxl").warnings
+    assert warning.startswith("FeedForward: 22 adapted layers are inside SDXL's FeedForward blocks (selected by "
+                              "FeedForward, e.g. down_blocks.1.attentions.0.transformer_blocks.0.ff.net.0.proj)")
+    assert "loss to NaN" in warning and "sdxl_lokr_attention" in warning
+
+
+def test_name_patterns_that_match_nothing_warn():
+    config = {**BASE, "apply_preset": {"target_module": ["Flux2Attention"], "target_name": [r"double_blocks\.0\..*"],
+                                       "exclude_name": [r".*\.img_attn\..*"]}}
+    warnings = plan_of(config, "flux2").warnings
+    assert warnings[0].startswith(r"apply_preset.target_name[0]: 'double_blocks\.0\..*' matched no module of this "
+                                  "Flux 2 model, so it adapts nothing; names are diffusers module paths such as "
+                                  "'transformer_blocks.0.attn.to_q'")
+    assert warnings[1].startswith(r"apply_preset.exclude_name[0]: '.*\.img_attn\..*' matched no module")
+
+
+def test_preset_for_another_family_warns():
+    config = {**json.loads((CONFIGS / "flux1_lokr.json").read_text()),
+              "apply_preset": {"target_module": ["Linear"], "enable_conv": False}}
+    assert plan_of(config, "flux2").warnings == ("families: this config is written for flux1, not for this Flux 2 model",)
