@@ -112,13 +112,49 @@ def _quiet_fd2():
         os.close(saved)
 
 
-def peak_tensor_bytes(fn: Callable[[], object]) -> tuple[int, int]:
-    """(peak, net) bytes of torch CPU tensors allocated while fn() runs, above what was alive before.
+@dataclass
+class AllocationTrace:
+    """Every allocation and free of CPU tensor memory made while a call ran, in time order.
 
-    From torch.profiler's memory records: each allocation is charged to the innermost op at its
-    start, frees outside ops are their own records; replayed in time order. Temporaries that live
-    and die inside one op are not seen (the peak is the one between ops).
+    From torch.profiler's raw allocator records (`profile_memory=True`): the CPU allocator reports
+    each allocation and each free of a block it handed out while profiling was on, including
+    temporaries that live and die inside one op (kernel workspaces, the intermediates of
+    composite ops). Blocks allocated before the call are not in it.
     """
+
+    events: list[tuple[int, int, int]]  # (time ns, block address, +bytes allocated / -bytes freed)
+
+    @property
+    def net(self) -> int:
+        """Bytes allocated during the call and still alive at its end."""
+        return sum(delta for _, _, delta in self.events)
+
+    def peak(self, exclude: Iterable[int] = ()) -> int:
+        """Highest bytes alive at any moment among the call's allocations.
+
+        `exclude`: addresses of blocks alive at the call's end or when they were noted (e.g. the
+        gradients just before the optimizer drops them): the last allocation at each such address,
+        and its free, are left out of the count.
+        """
+        addresses = set(exclude)
+        last = {address: i for i, (_, address, delta) in enumerate(self.events) if delta > 0 and address in addresses}
+        skipped, pending = set(last.values()), set()
+        current = peak = 0
+        for i, (_, address, delta) in enumerate(self.events):
+            if i in skipped:
+                pending.add(address)
+            elif delta < 0 and address in pending:
+                pending.discard(address)
+            else:
+                current += delta
+                peak = max(peak, current)
+        return peak
+
+
+def trace_allocations(fn: Callable[[], object]) -> AllocationTrace:
+    """The CPU allocations and frees of fn() (see `AllocationTrace`)."""
+    from torch._C._profiler import _EventType
+
     profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
     with _quiet_fd2():
         profiler.__enter__()
@@ -127,13 +163,30 @@ def peak_tensor_bytes(fn: Callable[[], object]) -> tuple[int, int]:
     finally:
         with _quiet_fd2():
             profiler.__exit__(None, None, None)
-    timeline = []
-    for event in profiler.events():
-        delta = event.cpu_memory_usage if event.name == "[memory]" else event.self_cpu_memory_usage
-        if delta:
-            timeline.append((event.time_range.start, delta))
-    current = peak = 0
-    for _, delta in sorted(timeline, key=lambda item: item[0]):
-        current += delta
-        peak = max(peak, current)
-    return peak, current
+    events, stack = [], list(profiler.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        stack.extend(event.children)
+        if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
+            fields = event.extra_fields
+            events.append((event.start_time_ns, fields.ptr, fields.alloc_size))
+    events.sort(key=lambda e: e[0])
+    return AllocationTrace(events)
+
+
+def peak_tensor_bytes(fn: Callable[[], object], device: torch.device | str = "cpu") -> tuple[int, int]:
+    """(peak, net) bytes of torch tensors allocated while fn() runs, above what was alive before.
+
+    CPU: from every allocation and free the allocator made during the call (`trace_allocations`),
+    temporaries inside single ops included. CUDA: `torch.cuda.max_memory_allocated` over the call.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before, torch.cuda.memory_allocated(device) - before
+    trace = trace_allocations(fn)
+    return trace.peak(), trace.net

@@ -10,6 +10,10 @@ from pathlib import Path
 def _fmt(value: float, unit: str | None) -> str:
     if unit == "bytes":
         return f"{value / 2**20:.2f} MiB" if value else "0 B"
+    if unit == "count":
+        return f"{value:.0f}"
+    if unit == "relative error":
+        return f"{value:.2e}"
     return f"{value * 1000:.1f} ms"
 
 

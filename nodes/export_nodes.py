@@ -113,12 +113,9 @@ class ExportLycorisJob(io.ComfyNode):
         return uuid.uuid4().hex
 
     @classmethod
-    def execute(cls, model, dataset, config, steps, batch_size, grad_accumulation, learning_rate, lr_schedule,
-                warmup_steps, optimizer, seed, dtype, gradient_checkpointing, save_every, keep_last, nan_policy,
-                output_name, base_model, tiny_seed) -> io.NodeOutput:
-        spec = job_spec("Export LyCORIS Job", config, steps, batch_size, grad_accumulation, learning_rate,
-                        lr_schedule, warmup_steps, optimizer, seed, dtype, gradient_checkpointing, save_every,
-                        keep_last, nan_policy, output_name)
+    def execute(cls, model, dataset, config, base_model, tiny_seed, **training) -> io.NodeOutput:
+        spec = job_spec("Export LyCORIS Job", config, **training)
+        output_name = spec.output_name
         warnings = check_submission("Export LyCORIS Job", config, model, dataset, spec)
         folder = _job_folder(output_name)  # refuses a folder that leads outside before any work
         try:

@@ -140,14 +140,12 @@ class FolderDataset(io.ComfyNode):
         return io.NodeOutput(data, ui=ui.PreviewText(f"{len(data)} items from {folder}"))
 
 
-def job_spec(label: str, config, steps, batch_size, grad_accumulation, learning_rate, lr_schedule, warmup_steps,
-             optimizer, seed, dtype, gradient_checkpointing, save_every, keep_last, nan_policy, output_name) -> JobSpec:
-    """The JobSpec of a training node's inputs; a bad value is a node error naming the field."""
+def job_spec(label: str, config, **training) -> JobSpec:
+    """The JobSpec of a training node's inputs (the JobSpec fields it has, by name); a bad value is a node
+    error naming the field."""
     try:
         parse_config(config.to_json())
-        return JobSpec(config.to_json(), steps, batch_size, grad_accumulation, learning_rate, lr_schedule,
-                       warmup_steps, optimizer, seed=seed, dtype=dtype, gradient_checkpointing=gradient_checkpointing,
-                       save_every=save_every, keep_last=keep_last, nan_policy=nan_policy, output_name=output_name)
+        return JobSpec(config.to_json(), **training)
     except (SpecError, ConfigError) as err:
         raise ValueError(f"{label}: {err}") from None
 
@@ -211,6 +209,45 @@ def _train(spec: JobSpec, name: str, model, dataset, folders: Folders, resume: b
     return "\n".join([message, *(f"warning: {w}" for w in warnings)])
 
 
+class _Submissions:
+    """Which job the last run of a Train node with these exact inputs submitted, for `fingerprint_inputs`."""
+
+    def __init__(self, keep: int = 64):
+        self.keep = keep
+        self._last: dict[tuple, tuple[str, str | None]] = {}  # input key -> (fingerprint, job id)
+
+    @staticmethod
+    def _key(inputs: dict) -> tuple:
+        """The widget values: ComfyUI fingerprints before linked inputs exist; its cache keys those itself."""
+        plain = (int, float, str, bool)
+        return tuple(sorted((k, v) for k, v in inputs.items() if isinstance(v, plain)))
+
+    def fingerprint(self, inputs: dict) -> str:
+        fingerprint, job_id = self._last.get(self._key(inputs), (None, None))
+        if fingerprint is not None and job_id is not None:
+            try:
+                if job_service.queue().get(job_id).state in ACTIVE:
+                    return fingerprint
+            except ValueError:
+                pass
+        fingerprint = uuid.uuid4().hex
+        self._remember(self._key(inputs), (fingerprint, None))
+        return fingerprint
+
+    def submitted(self, inputs: dict, job_id: str) -> None:
+        key = self._key(inputs)
+        self._remember(key, (self._last.get(key, (uuid.uuid4().hex, None))[0], job_id))
+
+    def _remember(self, key: tuple, value: tuple[str, str | None]) -> None:
+        self._last.pop(key, None)
+        self._last[key] = value
+        while len(self._last) > self.keep:
+            del self._last[next(iter(self._last))]
+
+
+_submissions = _Submissions()
+
+
 class TrainLycoris(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -259,18 +296,16 @@ class TrainLycoris(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, dataset, config, steps, batch_size, grad_accumulation, learning_rate, lr_schedule,
-                warmup_steps, optimizer, seed, dtype, gradient_checkpointing, save_every, keep_last, nan_policy,
-                output_name, resume) -> io.NodeOutput:
-        spec = job_spec("Train LyCORIS", config, steps, batch_size, grad_accumulation, learning_rate, lr_schedule,
-                        warmup_steps, optimizer, seed, dtype, gradient_checkpointing, save_every, keep_last,
-                        nan_policy, output_name)
+    def execute(cls, model, dataset, config, resume, **training) -> io.NodeOutput:
+        spec = job_spec("Train LyCORIS", config, **training)
         warnings = check_submission("Train LyCORIS", config, model, dataset, spec)
-        folder, note = job_folder(spec.output_name, resume, steps)
+        folder, note = job_folder(spec.output_name, resume, spec.steps)
         folders = Folders(folder, Path(folder_paths.get_folder_paths("loras")[0]))
         work = functools.partial(_train, spec, spec.output_name, model, dataset, folders, resume, warnings)
         job = job_service.queue().submit(spec, work, name=spec.output_name, folder=folder)
-        text = "\n".join([f"job {job.id} submitted: {steps} steps; {note}", *(f"warning: {w}" for w in warnings)])
+        _submissions.submitted({"model": model, "dataset": dataset, "config": config, "resume": resume, **training},
+                               job.id)
+        text = "\n".join([f"job {job.id} submitted: {spec.steps} steps; {note}", *(f"warning: {w}" for w in warnings)])
         return io.NodeOutput(job, ui={"job_id": [job.id], "text": [text]})
 
     @classmethod
@@ -279,8 +314,9 @@ class TrainLycoris(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, **inputs):
-        """Never cached: queueing the same prompt again submits a new job (or resumes, when asked)."""
-        return uuid.uuid4().hex
+        """While this node's job is queued or running, queueing the same prompt again reuses it (a graph that
+        samples with the live checkpoint can be queued again); once the job has ended, a new job (or a resume)."""
+        return _submissions.fingerprint(inputs)
 
 
 class LycorisJobNode(io.ComfyNode):

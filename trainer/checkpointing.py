@@ -245,8 +245,13 @@ def snapshot_saved_tensors() -> Iterator[None]:
     The uncheckpointed mode: in-place updates after the save cannot reach backward, and nothing
     is recomputed; every activation is kept for the whole forward (plus the copies).
     """
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(_private, lambda t: t):
         yield
+
+
+def _private(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of a tensor autograd saves; module parameters (never updated in a forward) as they are."""
+    return tensor if isinstance(tensor, torch.nn.Parameter) else tensor.clone()
 
 
 def memory_mode(root: torch.nn.Module, checkpointing: bool) -> contextlib.AbstractContextManager:

@@ -30,6 +30,7 @@ import torch
 
 from ..core import host
 from ..core.adapter_set import architecture_key
+from ..core.dtypes import TORCH_DTYPES
 from .checkpoint import CheckpointError, ResumePoint, final_adapter, resume_point
 from .distributed import World, init_from_env, shutdown
 from .jobfile import MODEL_FOLDERS, JobFileError, ModelRef, load_dataset, read_job
@@ -40,7 +41,6 @@ from .spec import SpecError
 EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED, EXIT_CANCELLED = 1, 2, 3, 4
 # Test hook: "<rank>:<step>" makes that rank exit at once (os._exit) right after finishing that step.
 EXIT_AT_ENV = "LYCORIS_TRAINER_EXIT_AT"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -73,7 +73,7 @@ def _force_cpu_without_cuda() -> None:
 def load_model(model: ModelRef, override: Path | None = None) -> Any:
     """The base model of a job reference as a ComfyUI MODEL; checks its architecture."""
     if model.kind == "tiny":
-        patcher = host.build_tiny_model(model.tiny, _DTYPES.get(model.dtype, torch.float32))
+        patcher = host.build_tiny_model(model.tiny, TORCH_DTYPES.get(model.dtype, torch.float32))
     else:
         import comfy.sd
         import folder_paths

@@ -96,13 +96,23 @@ def test_same_name_jobs_get_their_own_folders(comfy_server):
     watch.check("output/lycoris_jobs/safety/dup", "models/loras/safety/dup")
 
 
-def test_requeueing_the_same_prompt_submits_a_new_job(comfy_server):
+def test_requeueing_the_same_prompt_submits_a_new_job_once_the_last_ended(comfy_server):
     watch = Watch(comfy_server)
-    prompt = train(2, "safety/again")
-    ids = [job(comfy_server, comfy_server.run(prompt))["id"] for _ in range(2)]
-    assert ids[0] != ids[1], "ComfyUI's cache did not serve the old job"
-    assert all(ended(comfy_server, i)["state"] == "done" for i in ids)
-    watch.check("output/lycoris_jobs/safety/again", "models/loras/safety/again")
+    prompt = train(100000, "safety/again")
+    first = job(comfy_server, comfy_server.run(prompt))["id"]
+    assert job(comfy_server, comfy_server.run(prompt))["id"] == first, "while it runs, the same job"
+    comfy_server.post(f"/lycoris/jobs/{first}/cancel", {})
+    assert ended(comfy_server, first)["state"] == "cancelled"
+    second = job(comfy_server, comfy_server.run(prompt))["id"]
+    assert second != first, "ComfyUI's cache did not serve the ended job"
+    comfy_server.post(f"/lycoris/jobs/{second}/cancel", {})
+    assert ended(comfy_server, second)["state"] == "cancelled"
+    prompt["train"]["inputs"]["resume"] = True
+    resumed = job(comfy_server, comfy_server.run(prompt))
+    assert resumed["id"] not in (first, second) and resumed["folder"] == ended(comfy_server, second)["folder"]
+    comfy_server.post(f"/lycoris/jobs/{resumed['id']}/cancel", {})
+    ended(comfy_server, resumed["id"])
+    watch.check("output/lycoris_jobs/safety/again")
 
 
 def test_resume_after_cancel_names_its_checkpoint_and_skips_a_corrupt_one(comfy_server):
