@@ -211,3 +211,36 @@ def detach_from_inference_mode(model: Any) -> None:
 def freeze_base(model: Any) -> None:
     """No gradients for the base weights (ComfyUI leaves requires_grad on): only adapters train."""
     model.model.diffusion_model.requires_grad_(False)
+
+
+# -- sampling, as a KSampler node does it (validation previews) --------------------------------
+
+def ksample(model: Any, positive: list, negative: list, latent: dict, seed: int, steps: int, cfg: float,
+            sampler_name: str, scheduler: str, guidance: float | None = None) -> torch.Tensor:
+    """The latent a KSampler node computes for these inputs (same noise, same sampler code), no progress bar.
+
+    `guidance`: Flux guidance set on both conditionings as Flux Guidance does (None: as given).
+    Safe on a background thread: nothing here touches ComfyUI's interrupt flag.
+    """
+    import comfy.sample
+    import comfy.samplers
+    import node_helpers
+
+    if sampler_name not in comfy.samplers.KSampler.SAMPLERS:
+        raise ValueError(f"sampler_name: '{sampler_name}' is not a ComfyUI sampler")
+    if scheduler not in comfy.samplers.SCHEDULER_NAMES:
+        raise ValueError(f"scheduler: '{scheduler}' is not one of {', '.join(comfy.samplers.SCHEDULER_NAMES)}")
+    if guidance is not None:
+        positive = node_helpers.conditioning_set_values(positive, {"guidance": guidance})
+        negative = node_helpers.conditioning_set_values(negative, {"guidance": guidance})
+    samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+    noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
+    return comfy.sample.sample(model, noise, steps, cfg, sampler_name, scheduler, positive, negative, samples,
+                               noise_mask=latent.get("noise_mask"), disable_pbar=True, seed=seed)
+
+
+def sampler_names() -> tuple[list[str], list[str]]:
+    """ComfyUI's sampler and scheduler names (the KSampler node's combos)."""
+    import comfy.samplers
+
+    return list(comfy.samplers.KSampler.SAMPLERS), list(comfy.samplers.SCHEDULER_NAMES)

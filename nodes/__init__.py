@@ -9,6 +9,7 @@ from . import (  # noqa: F401  (web_routes registers HTTP routes)
     preview_nodes,
     tlora_visualizer,
     train_nodes,
+    validation_nodes,
     web_routes,
 )
 
@@ -17,6 +18,7 @@ NODE_CLASSES = [
     *adapter_nodes.NODES,
     *ab_nodes.NODES,
     *train_nodes.NODES,
+    *validation_nodes.NODES,
     *export_nodes.NODES,
     *tlora_visualizer.NODES,
     *dev_models.NODES,

@@ -33,7 +33,7 @@ def _base_models() -> list[str]:
 
 def _training_inputs() -> list:
     """Train LyCORIS's inputs (model, dataset, config and every training setting) except `resume`."""
-    return [inp for inp in TrainLycoris.define_schema().inputs if inp.id != "resume"]
+    return [inp for inp in TrainLycoris.define_schema().inputs if inp.id not in ("resume", "validation")]
 
 
 def _tiny_ref(model, seed: int) -> ModelRef:

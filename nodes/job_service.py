@@ -63,11 +63,19 @@ def _history() -> list:
     return jobs_on_disk(Path(folder_paths.get_output_directory()) / "lycoris_jobs")
 
 
+def _view(path: Path) -> dict:
+    """`/view` parameters of a file in ComfyUI's output folder (job folders live there)."""
+    import folder_paths
+
+    relative = Path(path).resolve().relative_to(Path(folder_paths.get_output_directory()).resolve())
+    return {"filename": relative.name, "subfolder": relative.parent.as_posix(), "type": "output"}
+
+
 def queue() -> JobQueue:
     global _queue
     with _lock:
         if _queue is None:
-            _queue = JobQueue(emit=_emit, busy=_busy, history=_history())
+            _queue = JobQueue(emit=_emit, busy=_busy, history=_history(), view=_view)
         return _queue
 
 
@@ -94,7 +102,7 @@ def register_routes() -> None:
     @routes.get("/lycoris/jobs/{job_id}")
     async def get_job(request):
         job, error = _job_or_error(request)
-        return error or web.json_response(job.detail())
+        return error or web.json_response(job.detail(queue().view))
 
     @routes.post("/lycoris/jobs/{job_id}/cancel")
     async def cancel_job(request):

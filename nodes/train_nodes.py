@@ -9,6 +9,7 @@ import uuid
 from pathlib import Path
 
 import folder_paths
+import torch
 from comfy_api.latest import io, ui
 
 from ..core import host
@@ -23,7 +24,7 @@ from ..trainer.loop import Folders, run_training
 from ..trainer.preflight import PreflightError, preflight
 from ..trainer.spec import DTYPES, NAN_POLICIES, OPTIMIZERS, SCHEDULES, JobSpec, SpecError, check_output_name
 from . import job_service
-from .types import TRAIN_CATEGORY, LycorisAdapter, LycorisConfig, LycorisDataset, LycorisJob
+from .types import TRAIN_CATEGORY, LycorisAdapter, LycorisConfig, LycorisDataset, LycorisJob, LycorisValidation
 
 job_service.register_routes()
 
@@ -203,9 +204,10 @@ def job_folder(output_name: str, resume: bool, steps: int) -> tuple[Path, str]:
 
 
 def _train(spec: JobSpec, name: str, model, dataset, folders: Folders, resume: bool, warnings: list[str],
-           control) -> str:
+           validation, control) -> str:
     """A job's work: the training loop with the queue's control as its reporter; its message keeps the warnings."""
-    message = run_training(spec, name, model, dataset, folders, control, resume=resume).message
+    message = run_training(spec, name, model, dataset, folders, control, resume=resume,
+                           validation=validation).message
     return "\n".join([message, *(f"warning: {w}" for w in warnings)])
 
 
@@ -287,6 +289,8 @@ class TrainLycoris(io.ComfyNode):
                                tooltip="On a non-finite loss: stop (keeping the last good checkpoint) or skip the step."),
                 io.String.Input("output_name", default="lycoris/trained",
                                 tooltip="Adapter file name in models/loras (and the checkpoint folder name)."),
+                LycorisValidation.Input("validation", optional=True,
+                                        tooltip="From LyCORIS Validation: previews while training."),
                 io.Boolean.Input("resume", default=False,
                                  tooltip="On: continue the newest job of output_name from its newest intact checkpoint "
                                          "(says which). Off: always a new job in a new folder."),
@@ -296,12 +300,12 @@ class TrainLycoris(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, dataset, config, resume, **training) -> io.NodeOutput:
+    def execute(cls, model, dataset, config, resume, validation=None, **training) -> io.NodeOutput:
         spec = job_spec("Train LyCORIS", config, **training)
         warnings = check_submission("Train LyCORIS", config, model, dataset, spec)
         folder, note = job_folder(spec.output_name, resume, spec.steps)
         folders = Folders(folder, Path(folder_paths.get_folder_paths("loras")[0]))
-        work = functools.partial(_train, spec, spec.output_name, model, dataset, folders, resume, warnings)
+        work = functools.partial(_train, spec, spec.output_name, model, dataset, folders, resume, warnings, validation)
         job = job_service.queue().submit(spec, work, name=spec.output_name, folder=folder)
         _submissions.submitted({"model": model, "dataset": dataset, "config": config, "resume": resume, **training},
                                job.id)
@@ -336,6 +340,9 @@ class LycorisJobNode(io.ComfyNode):
             outputs=[
                 LycorisAdapter.Output("adapter", display_name="adapter", tooltip="The trained (or latest) adapter."),
                 io.Image.Output("loss", display_name="loss curve", tooltip="Raw and smoothed loss so far."),
+                io.Image.Output("validation", display_name="validation",
+                                tooltip="The latest validation previews (one image per strength; "
+                                        "an empty image without validation)."),
             ],
             is_output_node=True,
         )
@@ -353,7 +360,8 @@ class LycorisJobNode(io.ComfyNode):
         if job.adapter is None:
             raise ValueError(f"LyCORIS Job {job.id}: {job.state}, no checkpoint to use ({job.message})")
         text = f"job {job.id}: {job.state}, step {job.step}/{job.spec.steps}. {job.message}".strip()
-        return io.NodeOutput(job.adapter, loss_curve(job.losses, title=f"loss: {job.name}"),
+        previews = torch.cat(job.previews) if job.previews else torch.zeros(1, 64, 64, 3)
+        return io.NodeOutput(job.adapter, loss_curve(job.losses, title=f"loss: {job.name}"), previews,
                              ui={"job_id": [job.id], "text": [text]})
 
 

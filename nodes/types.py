@@ -6,6 +6,7 @@ LycorisConfig = io.Custom("LYCORIS_CONFIG")
 LycorisAdapter = io.Custom("LYCORIS_ADAPTER")
 LycorisJob = io.Custom("LYCORIS_JOB")
 LycorisDataset = io.Custom("LYCORIS_DATASET")
+LycorisValidation = io.Custom("LYCORIS_VALIDATION")
 TRAIN_CATEGORY = "LyCORIS/train"
 
 CATEGORY = "LyCORIS"

@@ -64,6 +64,9 @@ class Job:
     adapter: Any = None  # the latest LoadedAdapter snapshot (LYCORIS_ADAPTER)
     created: float = field(default_factory=time.time)
     from_disk: bool = False  # found on disk after a restart: a summary, not a live job
+    validation: list[dict] = field(default_factory=list)  # every preview: step, strength, path
+    previews: list = field(default_factory=list)  # the latest round's images (IMAGE tensors)
+    render_s: float = 0.0  # time spent rendering previews (not counted in its/s)
     cancel_event: threading.Event = field(default_factory=threading.Event)
     done_event: threading.Event = field(default_factory=threading.Event)
 
@@ -75,9 +78,16 @@ class Job:
                 "folder": str(self.folder) if self.folder else None, "from_disk": self.from_disk,
                 "output_name": self.spec.output_name}
 
-    def detail(self) -> dict:
+    def detail(self, view: Callable[[Path], dict] | None = None) -> dict:
+        """The summary with the loss history, the spec and the validation previews.
+
+        `view(path)` gives a preview's `/view` parameters ({filename, subfolder, type}); ComfyUI's
+        output folder is known only to the server."""
         losses = [[s, v if math.isfinite(v) else None] for s, v in self.losses]
-        return {**self.summary(), "losses": losses, "spec": self.spec.to_json()}
+        view = view or plain_view
+        validation = [{"step": v["step"], "strength": v["strength"], **view(v["path"])} for v in self.validation]
+        return {**self.summary(), "losses": losses, "spec": self.spec.to_json(), "validation": validation,
+                "render_s": self.render_s}
 
     def record(self) -> dict:
         """What `lycoris-job.json` holds: enough to list the job after a restart and to resume it."""
@@ -92,6 +102,7 @@ class JobControl:
         self.job, self.queue = job, queue
         self._started = time.monotonic()
         self._first_step: int | None = None
+        self._excluded = 0.0  # seconds spent rendering previews since the first step
 
     def cancelled(self) -> bool:
         return self.job.cancel_event.is_set()
@@ -109,14 +120,26 @@ class JobControl:
         """A status line for the job (resume decisions, skipped steps)."""
         self.queue.set_state(self.job, self.job.state, message)
 
+    def preview(self, previews: list, seconds: float) -> None:
+        """New validation previews (`trainer.validation.Preview`): kept, announced, their time kept apart."""
+        job = self.job
+        job.validation += [{"step": p.step, "strength": p.strength, "path": p.path} for p in previews]
+        job.previews = [p.image for p in previews]
+        job.render_s += seconds
+        self._excluded += seconds
+        view = self.queue.view
+        self.queue.emit("lycoris.job.validation", {
+            "job_id": job.id, "render_s": seconds,
+            "previews": [{"step": p.step, "strength": p.strength, **view(p.path)} for p in previews]})
+
     def report(self, step: int, loss: float, lr: float) -> None:
         """Record a finished step (1-based) and send a progress event."""
         job = self.job
         job.step = step
         job.losses.append((step, float(loss)))
         if self._first_step is None:
-            self._first_step, self._started = step, time.monotonic()
-        elapsed = time.monotonic() - self._started
+            self._first_step, self._started, self._excluded = step, time.monotonic(), 0.0
+        elapsed = time.monotonic() - self._started - self._excluded
         done = step - self._first_step
         job.its = done / elapsed if elapsed > 0 and done > 0 else 0.0
         job.eta_s = (job.spec.steps - step) / job.its if job.its > 0 else None
@@ -178,13 +201,21 @@ def jobs_on_disk(root: Path, limit: int = 200, depth: int = 4) -> list[Job]:
     return sorted(found, key=lambda j: j.created, reverse=True)[:limit]
 
 
+def plain_view(path: Path) -> dict:
+    """A file's `/view` parameters when no server says where its output folder is."""
+    return {"filename": path.name, "subfolder": str(path.parent), "type": "output"}
+
+
 class JobQueue:
     """FIFO of jobs run by one daemon worker thread."""
 
     def __init__(self, emit: Callable[[str, dict], None] | None = None, busy: Callable[[], bool] | None = None,
-                 keep_finished: int = 100, history: list[Job] | None = None):
+                 keep_finished: int = 100, history: list[Job] | None = None,
+                 view: Callable[[Path], dict] | None = None):
+        """`view(path)`: a job file's `/view` parameters ({filename, subfolder, type}) for the browser."""
         self.emit = emit or (lambda event, data: None)
         self.busy = busy or (lambda: False)
+        self.view = view or plain_view
         self.keep_finished = keep_finished
         self._jobs: dict[str, Job] = {job.id: job for job in history or []}
         self._pending: collections.deque[Job] = collections.deque()

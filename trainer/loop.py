@@ -45,6 +45,7 @@ from .predict import ComfyPredictor, encode_conditioning, model_space_latents, o
 from .spec import JobSpec
 from .step import Batch, StepResult
 from .trainable import TrainableAdapter, comfy_base_weights
+from .validation import Preview, Validation, render
 
 
 class Reporter(Protocol):
@@ -59,6 +60,8 @@ class Reporter(Protocol):
     def publish(self, adapter: Any, checkpoint: str | None) -> None: ...
 
     def say(self, message: str) -> None: ...
+
+    def preview(self, previews: list[Preview], seconds: float) -> None: ...
 
 
 @dataclass
@@ -87,6 +90,8 @@ class _Run:
     folders: Folders
     config: Any
     world: World
+    patcher: Any = None
+    validation: Validation | None = None
     step: int = 0
     checkpoint: str | None = None
 
@@ -170,20 +175,31 @@ def _final_file(run: _Run) -> Path:
     return Path(run.world.broadcast_text(written))
 
 
+def _validate(run: _Run, step: int, adapter: Any = None) -> None:
+    """Render the validation previews after `step` steps (rank 0), once no prompt is running."""
+    if run.validation is None or not run.world.is_main:
+        return
+    run.reporter.pause_while_busy()  # a queued prompt goes first
+    adapter = adapter or run.trainable.to_loaded(f"{run.name}@{step}", run.config)
+    previews, seconds = render(run.validation, run.patcher, adapter, step, run.folders.checkpoints)
+    run.reporter.preview(previews, seconds)
+
+
 def run_training(spec: JobSpec, name: str, patcher: Any, data: TrainingSet, folders: Folders, reporter: Reporter,
-                 world: World | None = None, resume: bool = False) -> Outcome:
+                 world: World | None = None, resume: bool = False, validation: Validation | None = None) -> Outcome:
     """Train `spec` on `patcher` (a ComfyUI MODEL, whose weights keep their values) and `data`.
 
     Runs with autograd on even when called from a ComfyUI node thread. `world`: this process's
     rank among data-parallel processes (`trainer.distributed`); None: one process. Raises
-    JobCancelled (after a checkpoint) or JobStopped (a message saying why).
+    JobCancelled (after a checkpoint) or JobStopped (a message saying why). `validation`: previews
+    rendered at step 0, every `validation.every` steps and at the end (`trainer.validation`).
     """
     with torch.inference_mode(False):
-        return _run_training(spec, name, patcher, data, folders, reporter, world or World(), resume)
+        return _run_training(spec, name, patcher, data, folders, reporter, world or World(), resume, validation)
 
 
 def _run_training(spec: JobSpec, name: str, patcher: Any, data: TrainingSet, folders: Folders, reporter: Reporter,
-                  world: World, resume: bool) -> Outcome:
+                  world: World, resume: bool, validation: Validation | None) -> Outcome:
     config = parse_config(spec.config_json)
     reporter.pause_while_busy()  # setup loads, copies and encodes: not while a prompt runs
     device = host.prepare_for_training(patcher)
@@ -196,7 +212,7 @@ def _run_training(spec: JobSpec, name: str, patcher: Any, data: TrainingSet, fol
                                            init_device=device)
     optimizer = build_optimizer(spec, trainable.parameters())
     generator = torch.Generator().manual_seed(spec.seed)
-    run = _Run(spec, name, reporter, trainable, optimizer, generator, folders, config, world)
+    run = _Run(spec, name, reporter, trainable, optimizer, generator, folders, config, world, patcher, validation)
     start = _resume(run, resume)
     world.sync_start(start, trainable.parameters())
     if start >= spec.steps:
@@ -214,6 +230,8 @@ def _run_training(spec: JobSpec, name: str, patcher: Any, data: TrainingSet, fol
     # LyCORIS trains with the config's multiplier on every module's output (SimpleTuner passes it on).
     predict = ComfyPredictor(patcher.model, trainable, strength=config.multiplier)
     run.step = start
+    if start == 0:
+        _validate(run, 0)
     for step in range(start, spec.steps):
         reporter.pause_while_busy()
         if reporter.cancelled():
@@ -236,7 +254,11 @@ def _run_training(spec: JobSpec, name: str, patcher: Any, data: TrainingSet, fol
         reporter.report(step + 1, result.loss if math.isfinite(result.loss) else float("nan"), lr)
         if (step + 1) % spec.save_every == 0 and step + 1 < spec.steps:
             _checkpoint(run, step + 1)
+        if validation is not None and step + 1 < spec.steps and validation.due(step + 1, spec.steps):
+            _validate(run, step + 1)
     _checkpoint(run, run.step)
     path = _final_file(run)
-    reporter.publish(trainable.to_loaded(name, config), run.checkpoint)
+    final = trainable.to_loaded(name, config)
+    reporter.publish(final, run.checkpoint)
+    _validate(run, run.step, final)
     return Outcome(path, run.step, f"finished {run.step} steps; adapter saved to {path}")
