@@ -17,9 +17,19 @@ def test_schema_contract(cls):
     assert schema.display_name
     for inp in schema.inputs or []:
         assert inp.tooltip and len(inp.tooltip) > 5, f"{schema.node_id}.{inp.id} has no tooltip"
-    execute_params = list(inspect.signature(cls.execute).parameters)
+    params = inspect.signature(cls.execute).parameters
+    named = [n for n, p in params.items() if p.kind is not inspect.Parameter.VAR_KEYWORD]
     input_ids = [inp.id for inp in schema.inputs or []]
-    assert execute_params == input_ids, "execute() takes exactly the schema inputs, in order"
+    if len(named) == len(params):
+        assert named == input_ids, "execute() takes exactly the schema inputs, in order"
+    else:  # the training nodes pass their JobSpec settings on as **training: those and nothing else
+        from dataclasses import fields
+
+        from comfyui_lycoris.trainer.spec import JobSpec
+
+        assert set(named) <= set(input_ids), "execute() takes only schema inputs"
+        rest = set(input_ids) - set(named)
+        assert rest and rest <= {f.name for f in fields(JobSpec)}, f"**kwargs carries non-spec inputs {rest}"
 
 
 def test_mappings_cover_every_node_once():
