@@ -244,3 +244,16 @@ def sampler_names() -> tuple[list[str], list[str]]:
     import comfy.samplers
 
     return list(comfy.samplers.KSampler.SAMPLERS), list(comfy.samplers.SCHEDULER_NAMES)
+
+
+def memory_settings(model: Any) -> dict:
+    """What the training-memory estimate needs to know of a MODEL: weight / compute dtypes, attention kind."""
+    import comfy.ldm.modules.attention as attention
+
+    from .memory_estimate import attention_kind
+
+    base = model.model
+    weight = base.get_dtype()
+    compute = getattr(base, "manual_cast_dtype", None) or weight
+    return {"weight_dtype": weight, "compute_dtype": compute,
+            "attention": attention_kind(attention.optimized_attention.__name__)}

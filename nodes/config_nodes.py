@@ -9,6 +9,7 @@ from comfy_api.latest import io, ui
 
 from ..core import host
 from ..core.config import ConfigError, load_json, parse_config
+from ..core.memory_estimate import estimate_training_memory
 from ..core.plan_report import summarize
 from ..core.targets import plan_for
 from ..trainer.preflight import PreflightError, review
@@ -78,18 +79,25 @@ class Plan(io.ComfyNode):
                 "modules per class, algorithm settings, parameter count and file size. Zero matches is an error "
                 "that lists the classes the model has; what Train LyCORIS would refuse (ranks beyond a layer's "
                 "width, absurd sizes) and what probably does not do what you meant (a target class that matches "
-                "nothing, FeedForward on SDXL) is listed first."
+                "nothing, FeedForward on SDXL) is listed first. Ends with the estimated peak training memory at "
+                "the given size, with and without gradient checkpointing."
             ),
             inputs=[
                 io.Model.Input("model", tooltip="A Flux 2, Flux 1 or SDXL model."),
                 LycorisConfig.Input("config", tooltip="From LyCORIS Config."),
+                io.Int.Input("width", default=1024, min=64, max=8192, step=64, optional=True,
+                             tooltip="Training image width in pixels, for the memory estimate."),
+                io.Int.Input("height", default=1024, min=64, max=8192, step=64, optional=True,
+                             tooltip="Training image height in pixels, for the memory estimate."),
+                io.Int.Input("batch_size", default=1, min=1, max=256, optional=True,
+                             tooltip="Items per micro-batch, for the memory estimate."),
             ],
             outputs=[io.String.Output("summary", display_name="summary", tooltip="The plan as text.")],
             is_output_node=True,
         )
 
     @classmethod
-    def execute(cls, model, config) -> io.NodeOutput:
+    def execute(cls, model, config, width=1024, height=1024, batch_size=1) -> io.NodeOutput:
         unet_config = host.model_unet_config(model)
         try:
             plan = plan_for(config, unet_config)
@@ -97,6 +105,10 @@ class Plan(io.ComfyNode):
         except (ConfigError, PreflightError) as err:
             raise ValueError(f"LyCORIS config error: {err}") from None
         text = summarize(plan, errors=found.errors, warnings=found.warnings)
+        settings = host.memory_settings(model)
+        estimates = [estimate_training_memory(unet_config, plan, width=width, height=height, batch=batch_size,
+                                              checkpointing=ckpt, **settings) for ckpt in (True, False)]
+        text += "\n\n" + "\n".join(e.summary() for e in estimates)
         return io.NodeOutput(text, ui=ui.PreviewText(text))
 
 

@@ -15,7 +15,9 @@ from comfy_api.latest import io, ui
 from ..core import host
 from ..core.config import ConfigError, parse_config
 from ..core.loss_plot import loss_curve
+from ..core.memory_estimate import estimate_training_memory, pixels_for_latent
 from ..core.paths import resolve_inside
+from ..core.targets import plan_for
 from ..trainer.checkpoint import list_checkpoints
 from ..trainer.data import DatasetError, encoded_set, folder_items, from_latent_batch, load_image, split_captions
 from ..trainer.job_folders import newest_folder, reserve_folder
@@ -158,6 +160,18 @@ def check_submission(label: str, config, model, dataset, spec: JobSpec) -> list[
                          latent_channels=host.latent_layout(model)[0])
     except PreflightError as err:
         raise ValueError(f"{label}: {err}") from None
+
+
+def memory_line(config, model, dataset, spec: JobSpec) -> str:
+    """The estimated peak memory of this job's step, at its largest size bucket."""
+    unet_config = host.model_unet_config(model)
+    shape = max(dataset.buckets(), key=lambda s: s[-2] * s[-1])  # (channels, height, width)
+    pixels = pixels_for_latent(unet_config, shape[-2], shape[-1])
+    estimate = estimate_training_memory(unet_config, plan_for(config, unet_config), width=pixels[0],
+                                        height=pixels[1], batch=spec.batch_size,
+                                        checkpointing=spec.gradient_checkpointing, optimizer=spec.optimizer,
+                                        train_dtype=spec.dtype, **host.memory_settings(model))
+    return estimate.summary().splitlines()[0]
 
 
 def output_name_problem(output_name) -> bool | str:
@@ -309,7 +323,8 @@ class TrainLycoris(io.ComfyNode):
         job = job_service.queue().submit(spec, work, name=spec.output_name, folder=folder)
         _submissions.submitted({"model": model, "dataset": dataset, "config": config, "resume": resume, **training},
                                job.id)
-        text = "\n".join([f"job {job.id} submitted: {spec.steps} steps; {note}", *(f"warning: {w}" for w in warnings)])
+        text = "\n".join([f"job {job.id} submitted: {spec.steps} steps; {note}",
+                          memory_line(config, model, dataset, spec), *(f"warning: {w}" for w in warnings)])
         return io.NodeOutput(job, ui={"job_id": [job.id], "text": [text]})
 
     @classmethod

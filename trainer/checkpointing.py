@@ -6,8 +6,9 @@ from the very tensors it was called with, which the block itself (and its succes
 updated by then: the recomputation sees other values and the gradients come out silently wrong
 (FACTS.md §6: relative error 0.63 on a tiny Flux 2).
 
-Here each block (an element of the model's top-level block lists, and SDXL's middle block) runs
-as one `_Checkpointed` autograd function:
+Here each block (an element of the model's top-level block lists, and SDXL's middle block; for
+SDXL the layers of those blocks, see `checkpoint_units`) runs as one `_Checkpointed` autograd
+function:
 
 - forward: the tensor inputs are copied once into *private* tensors that only the checkpoint
   holds (nothing the block or anything after it does in place can reach them); the block runs
@@ -49,17 +50,22 @@ _SINGLE_BLOCKS = ("middle_block",)
 
 
 def checkpoint_units(root: torch.nn.Module) -> list[torch.nn.Module]:
-    """The blocks of a ComfyUI diffusion model that are recomputed in backward.
+    """The modules of a ComfyUI diffusion model that are recomputed in backward.
 
     Every element of its top-level block lists (Flux: double/single blocks; SDXL: input/output
-    blocks) and SDXL's middle block. Embedders and the final layer are cheap and stay as they are.
+    blocks) and SDXL's middle block. An SDXL block is a `TimestepEmbedSequential`, whose layers
+    ComfyUI's UNet calls one by one (`forward_timestep_embed`) without calling the block itself:
+    there the layers are the units. Embedders and the final layer are cheap and stay as they are.
     """
-    units: list[torch.nn.Module] = []
+    blocks: list[torch.nn.Module] = []
     for name, child in root.named_children():
         if name in _BLOCK_LISTS and isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential)):
-            units += list(child.children())
+            blocks += list(child.children())
         elif name in _SINGLE_BLOCKS:
-            units.append(child)
+            blocks.append(child)
+    units: list[torch.nn.Module] = []
+    for block in blocks:
+        units += list(block.children()) if isinstance(block, torch.nn.Sequential) else [block]
     return units
 
 
@@ -250,8 +256,11 @@ def snapshot_saved_tensors() -> Iterator[None]:
 
 
 def _private(tensor: torch.Tensor) -> torch.Tensor:
-    """A copy of a tensor autograd saves; module parameters (never updated in a forward) as they are."""
-    return tensor if isinstance(tensor, torch.nn.Parameter) else tensor.clone()
+    """A copy of a tensor autograd saves; module parameters and views of them (a Linear saves its
+    weight transposed), never updated in a forward, as they are."""
+    if isinstance(tensor, torch.nn.Parameter) or isinstance(tensor._base, torch.nn.Parameter):
+        return tensor
+    return tensor.clone()
 
 
 def memory_mode(root: torch.nn.Module, checkpointing: bool) -> contextlib.AbstractContextManager:

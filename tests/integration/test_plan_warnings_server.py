@@ -1,6 +1,8 @@
 """The LyCORIS Plan node through the live server: warnings and Train-time errors come first in its text."""
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 from graphs import TINY
@@ -38,3 +40,20 @@ def test_plan_shows_an_absurd_size_as_an_error_with_the_size(comfy_server):
     summary = comfy_server.run(plan_prompt(config, TINY))["plan"]["text"][0]
     assert summary.startswith("ERRORS (2): Train LyCORIS refuses this config on this model\n"
                               "  x linear_dim: 99999999999 would make a 372.5 TB adapter")
+
+
+def test_plan_shows_the_memory_estimate_for_the_size_asked(comfy_server):
+    """The estimate for the connected model, with and without checkpointing; a bigger size needs more."""
+    config = json.loads((Path(__file__).resolve().parents[2] / "configs" / "flux2_lokr.json").read_text())
+    peaks = {}
+    for size in (256, 512):
+        prompt = plan_prompt(config, TINY)
+        prompt["plan"]["inputs"].update({"width": size, "height": size, "batch_size": 2})
+        summary = comfy_server.run(prompt)["plan"]["text"][0]
+        found = re.findall(r"Estimated training peak: ([\d.]+) (MiB|GiB) \((\d+)x(\d+) px, batch 2, "
+                           r"gradient checkpointing (on|off)", summary)
+        assert [(w, h, mode) for _, _, w, h, mode in found] == [(str(size), str(size), "on"),
+                                                               (str(size), str(size), "off")], summary
+        peaks[size] = [float(v) * (1024 if unit == "GiB" else 1) for v, unit, *_ in found]
+        assert peaks[size][0] < peaks[size][1], "checkpointing needs less"
+    assert peaks[512][0] > peaks[256][0] and peaks[512][1] > peaks[256][1]

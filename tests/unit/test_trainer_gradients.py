@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import comfyui_lycoris.trainer.checkpointing as checkpointing_module
 from comfyui_lycoris.core import host
 from comfyui_lycoris.core.config import parse_config
 from comfyui_lycoris.core.targets import plan_for
@@ -127,10 +128,16 @@ def directional_difference(case: Case, direction: torch.Tensor, eps: float = 1e-
 
 
 @pytest.mark.parametrize("family,preset,strength", CASES, ids=[f"{f}-{p}-{s}" for f, p, s in CASES])
-def test_checkpointed_gradient_is_exact(family, preset, strength, float64_rope):
+def test_checkpointed_gradient_is_exact(family, preset, strength, float64_rope, monkeypatch):
     case = make_case(family, preset, strength)
     plain = gradient(case, checkpointing=False)
+    calls = []
+    original = checkpointing_module._Checkpointed.forward
+    monkeypatch.setattr(checkpointing_module._Checkpointed, "forward",
+                        staticmethod(lambda ctx, *a: calls.append(1) or original(ctx, *a)))
     checkpointed = gradient(case, checkpointing=True)
+    units = checkpoint_units(case.model.model.diffusion_model)
+    assert len(calls) == len(units), "every unit ran checkpointed (none bypassed by its caller)"
     assert float(plain.norm()) > 1e-6, "the adapter has a gradient"
     assert float((checkpointed - plain).norm() / plain.norm()) <= 1e-6
     direction = torch.randn(plain.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
@@ -172,7 +179,8 @@ def test_units_are_the_blocks_and_forwards_are_restored():
     units = checkpoint_units(root)
     assert units == [*root.double_blocks, *root.single_blocks]
     sdxl = host.build_tiny_model(SIZES["sdxl"]).model.diffusion_model
-    assert checkpoint_units(sdxl) == [*sdxl.input_blocks, sdxl.middle_block, *sdxl.output_blocks]
+    assert checkpoint_units(sdxl) == [layer for block in (*sdxl.input_blocks, sdxl.middle_block, *sdxl.output_blocks)
+                                      for layer in block]
     with gradient_checkpointing(root):
         assert all("forward" in vars(u) for u in units)
     assert not any("forward" in vars(u) for u in units)
