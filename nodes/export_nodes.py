@@ -18,7 +18,7 @@ from ..core.tiny import TinySizes
 from ..trainer.job_folders import reserve_folder
 from ..trainer.jobfile import JobFileError, ModelRef, write_job
 from .train_nodes import TrainLycoris, check_submission, job_spec, output_name_problem
-from .types import TRAIN_CATEGORY
+from .types import TRAIN_CATEGORY, LycorisValidation
 
 TINY = "tiny (rebuilt from its recipe)"
 _FILE_KINDS = {"diffusion_models": "diffusion_model", "checkpoints": "checkpoint"}
@@ -97,6 +97,9 @@ class ExportLycorisJob(io.ComfyNode):
                                        "models/checkpoints), or the tiny recipe for a Tiny Model (LyCORIS dev)."),
                 io.Int.Input("tiny_seed", default=0, min=0, max=2**31 - 1,
                              tooltip="With the tiny recipe: the Tiny Model node's seed (checked against the model)."),
+                LycorisValidation.Input("validation", optional=True,
+                                        tooltip="From LyCORIS Validation: rank 0 renders previews into the job "
+                                                "folder (latent preview projection: the VAE is not exported)."),
             ],
             outputs=[io.String.Output("job_folder", display_name="job folder",
                                       tooltip="Path of the written job folder.")],
@@ -113,14 +116,17 @@ class ExportLycorisJob(io.ComfyNode):
         return uuid.uuid4().hex
 
     @classmethod
-    def execute(cls, model, dataset, config, base_model, tiny_seed, **training) -> io.NodeOutput:
+    def execute(cls, model, dataset, config, base_model, tiny_seed, validation=None, **training) -> io.NodeOutput:
         spec = job_spec("Export LyCORIS Job", config, **training)
         output_name = spec.output_name
         warnings = check_submission("Export LyCORIS Job", config, model, dataset, spec)
+        if validation is not None and validation.vae is not None:
+            warnings.append("validation: the VAE is not part of a job folder; headless previews use the latent "
+                            "preview projection")
         folder = _job_folder(output_name)  # refuses a folder that leads outside before any work
         try:
             reference = _tiny_ref(model, tiny_seed) if base_model == TINY else _file_ref(model, base_model)
-            write_job(folder, spec, dataset, reference, name=output_name)
+            write_job(folder, spec, dataset, reference, name=output_name, validation=validation)
         except BaseException as err:
             shutil.rmtree(folder, ignore_errors=True)  # the folder was made for this export only
             if isinstance(err, JobFileError):

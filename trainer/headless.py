@@ -112,6 +112,12 @@ class HeadlessControl(JobControl):
         if self.world.is_main:
             print(message, file=self.out, flush=True)
 
+    def preview(self, previews: list, seconds: float) -> None:  # rank 0 renders; it tells where they went
+        super().preview(previews, seconds)
+        for preview in previews:
+            print(f"validation step {preview.step} strength {preview.strength:g}: {preview.path} ({seconds:.1f}s)",
+                  file=self.out, flush=True)
+
     def report(self, step: int, loss: float, lr: float) -> None:
         super().report(step, loss, lr)
         if self.exit_at == (self.world.rank, step):
@@ -179,7 +185,8 @@ def run_job(args: argparse.Namespace, world: World, out: TextIO = sys.stdout) ->
     control = HeadlessControl(job, world, args.log_every, out)
     previous = _on_signal(job)
     try:
-        outcome = run_training(spec, folder.name, patcher, data, folders, control, world, resume=True)
+        outcome = run_training(spec, folder.name, patcher, data, folders, control, world, resume=True,
+                               validation=folder.validation)
     except JobCancelled:
         say(f"cancelled at step {job.step}; checkpoint kept: {job.checkpoint}", sys.stderr)
         return EXIT_CANCELLED

@@ -27,9 +27,11 @@ from safetensors import SafetensorError, safe_open
 
 from ..core.adapter_file import atomic_save_file, atomic_write
 from ..core.config import ConfigError, parse_config
+from ..core.paths import PathNameError, resolve_inside
 from ..core.tiny import TinyModelError, TinySizes, unet_config
 from .data import DatasetError, TrainingSet
 from .spec import DTYPES, JobSpec, SpecError
+from .validation import Validation
 
 FORMAT = "lycoris-job/1"
 DATASET_FORMAT = "1"
@@ -130,6 +132,7 @@ class JobFolder:
     spec: JobSpec
     model: ModelRef
     dataset: Path
+    validation: Validation | None = None
 
     @property
     def checkpoints(self) -> Path:
@@ -223,6 +226,49 @@ def load_dataset(path: Path) -> TrainingSet:
         raise JobFileError(f"{path.name}: malformed dataset layout ({type(err).__name__}: {err})") from None
 
 
+# -- validation previews -------------------------------------------------------------------------
+
+VALIDATION_FILE = "validation.safetensors"
+_VALIDATION_SETTINGS = ("sampler_name", "scheduler", "steps", "cfg", "seed", "strengths", "every", "guidance")
+
+
+def save_validation(path: Path, validation: Validation) -> dict:
+    """Conditioning and latent of a Validation into `path` (atomically); returns its job.json entry.
+
+    The VAE is not part of a job folder: headless previews use the latent preview projection."""
+    tensors: dict[str, torch.Tensor] = {"latent": validation.latent["samples"]}
+    layout = {"positive": _encode_conditioning(validation.positive, "positive", tensors),
+              "negative": _encode_conditioning(validation.negative, "negative", tensors)}
+    prepared = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+    atomic_save_file(prepared, {"lycoris_validation": json.dumps(layout)}, path)
+    settings = {k: getattr(validation, k) for k in _VALIDATION_SETTINGS}
+    return {**settings, "strengths": list(validation.strengths), "file": path.name}
+
+
+def load_validation(folder: Path, entry: Any) -> Validation:
+    """The Validation a job.json entry and its file describe; JobFileError names the field."""
+    if not isinstance(entry, dict):
+        raise JobFileError(f"validation: must be an object (got {_shown(entry)})")
+    missing = [k for k in (*_VALIDATION_SETTINGS, "file") if k not in entry]
+    if missing:
+        raise JobFileError(f"validation.{missing[0]}: missing")
+    try:
+        path = resolve_inside(folder, entry["file"], "validation.file", new=False, where="the job folder")
+        with safe_open(str(path), framework="pt") as fh:
+            layout = json.loads((fh.metadata() or {})["lycoris_validation"])
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        return Validation(_decode_conditioning(layout["positive"], tensors, "validation.positive"),
+                          _decode_conditioning(layout["negative"], tensors, "validation.negative"),
+                          {"samples": tensors["latent"]}, str(entry["sampler_name"]), str(entry["scheduler"]),
+                          int(entry["steps"]), float(entry["cfg"]), int(entry["seed"]),
+                          tuple(float(s) for s in entry["strengths"]), int(entry["every"]),
+                          None if entry["guidance"] is None else float(entry["guidance"]))
+    except JobFileError:
+        raise
+    except (SafetensorError, OSError, KeyError, TypeError, ValueError) as err:
+        raise JobFileError(f"validation: unusable ({type(err).__name__}: {err})") from None
+
+
 # -- job folders ---------------------------------------------------------------------------------
 
 def _atomic_text(final: Path, text: str) -> None:
@@ -231,7 +277,8 @@ def _atomic_text(final: Path, text: str) -> None:
     atomic_write(final, lambda tmp: tmp.write_text(text))
 
 
-def write_job(folder: Path, spec: JobSpec, data: TrainingSet, model: ModelRef, name: str = "") -> Path:
+def write_job(folder: Path, spec: JobSpec, data: TrainingSet, model: ModelRef, name: str = "",
+              validation: Validation | None = None) -> Path:
     """Write a job folder (dataset first, job.json last: a folder with job.json is complete); returns job.json."""
     folder = Path(folder)
     target = folder / JOB_FILE
@@ -240,6 +287,8 @@ def write_job(folder: Path, spec: JobSpec, data: TrainingSet, model: ModelRef, n
     save_dataset(folder / DATASET_FILE, data)
     document = {"format": FORMAT, "name": name or spec.output_name, "spec": json.loads(spec.to_json()),
                 "model": model.to_dict(), "dataset": DATASET_FILE}
+    if validation is not None:
+        document["validation"] = save_validation(folder / VALIDATION_FILE, validation)
     text = json.dumps(document, indent=2, sort_keys=True) + "\n"
     _atomic_text(target, text)
     return target
@@ -265,10 +314,20 @@ def read_job(path: str | os.PathLike[str]) -> JobFolder:
     for key in ("name", "dataset"):
         if not isinstance(document.get(key, ""), str):
             raise JobFileError(f"{target.name}: {key}: must be a string (got {_shown(document[key])})")
-    dataset = target.parent / (document.get("dataset") or DATASET_FILE)
+    try:
+        dataset = resolve_inside(target.parent, document.get("dataset") or DATASET_FILE, "dataset", new=False,
+                                 where="the job folder")
+    except PathNameError as err:
+        raise JobFileError(f"{target.name}: {err}") from None
     if not dataset.is_file():
         raise JobFileError(f"{target.name}: dataset: {dataset} does not exist")
-    return JobFolder(target.parent, document.get("name") or spec.output_name, spec, model, dataset)
+    validation = None
+    if document.get("validation") is not None:
+        try:
+            validation = load_validation(target.parent, document["validation"])
+        except (JobFileError, PathNameError, ValueError) as err:
+            raise JobFileError(f"{target.name}: {err}") from None
+    return JobFolder(target.parent, document.get("name") or spec.output_name, spec, model, dataset, validation)
 
 
 def read_spec(data: Any) -> JobSpec:

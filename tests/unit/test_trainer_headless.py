@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -282,3 +283,27 @@ def test_finished_job_rerun_changes_nothing_and_corrupt_checkpoints_are_handled(
     assert err.startswith("error: checkpoints: ") and "no intact checkpoint" in err
     assert "checkpoint-00000002.safetensors: truncated" in err and "checkpoint-00000001.safetensors: truncated" in err
     assert _files(folder) == before
+
+
+def test_headless_runs_render_the_exported_validation(model, tmp_path, capsys):
+    """An exported Validation travels in the job folder; the headless run renders it at 0, every N and the end,
+    and the step-0 preview is the base model's sample (the same one a fresh render of the base gives)."""
+    from comfyui_lycoris.trainer.validation import Validation, decode, file_name
+
+    latent = {"samples": torch.zeros(1, 128, 4, 4)}
+    cond = host.tiny_conditioning(model, "a red square", 4)
+    validation = Validation(cond, cond, latent, "euler", "simple", 2, 1.0, 5, (0.0, 1.0), 2)
+    write_job(tmp_path, spec(steps=4), tiny_set(model), ModelRef("tiny", SIZES), validation=validation)
+    again = read_job(tmp_path).validation
+    assert again.strengths == (0.0, 1.0) and again.every == 2 and torch.equal(again.latent["samples"],
+                                                                                latent["samples"])
+    code, out, err = _run_in_process(tmp_path, capsys)
+    assert code == 0, err
+    rendered = sorted(p.name for p in (tmp_path / "checkpoints" / "validation").glob("*.png"))
+    assert rendered == sorted(file_name(s, k) for s in (0, 2, 4) for k in (0.0, 1.0))
+    assert out.count("validation step") == 6
+    with torch.no_grad():
+        base = decode(None, host.ksample(model, cond, cond, latent, 5, 2, 1.0, "euler", "simple"))
+    from PIL import Image
+    png = torch.from_numpy(np.array(Image.open(tmp_path / "checkpoints" / "validation" / file_name(0, 1.0))))
+    assert torch.equal(png, (base[0].clamp(0, 1) * 255).round().to(torch.uint8))
