@@ -21,7 +21,9 @@ Flux 2 512 (ComfyUI left-pads to 512), Flux 1 256 (T5's minimum; longer prompts 
   float32 absmax per 256), adafactor the factored second moment (rows + columns), prodigy 4 x.
 
 Activations follow the trainer (`trainer.checkpointing`, `core.runtime`). A *unit* is a top-level
-block: each Flux double / single block, each SDXL input / middle / output block. Per unit a
+block: each Flux double / single block, each SDXL input / middle / output block (the trainer
+checkpoints the layers of an SDXL block, whose extra input copies are the block's own
+intermediates and stay within the tolerance below). Per unit a
 ledger lists what autograd saves for backward, read off ComfyUI's block code, each save at the
 size the trainer's copy of it costs (a view costs its view; module parameters and views of them,
 such as a Linear's transposed weight, are not copied),
