@@ -111,6 +111,29 @@ def distances(samples, data, strengths: list[float]) -> dict[str, float]:
     return out
 
 
+def validation_summary(server: ComfyServer, job: dict, data) -> tuple[list[dict], object]:
+    """Per preview: its mean squared distance to the nearest training latent's preview (same projection,
+    pixel values 0..1), and the strip of all previews (a row per strength, a column per step)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from comfyui_lycoris.core.latent_preview import preview_image
+
+    targets = preview_image(data.float(), scale=8, normalize="fixed")
+    rows, images = [], {}
+    for entry in job["validation"]:
+        path = server.base / entry["type"] / entry["subfolder"] / entry["filename"]
+        image = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).float() / 255
+        images[(entry["step"], entry["strength"])] = image
+        nearest = min(float(((image - t) ** 2).mean()) for t in targets)
+        rows.append({"step": entry["step"], "strength": entry["strength"], "distance_to_data": round(nearest, 6)})
+    steps = sorted({k[0] for k in images})
+    strengths = sorted({k[1] for k in images})
+    strip = torch.cat([torch.cat([images[(s, k)] for s in steps], dim=1) for k in strengths], dim=0)
+    return rows, Image.fromarray((strip * 255).round().to(torch.uint8).numpy())
+
+
 def main() -> int:
     install_import_paths()
     from safetensors.torch import load_file
@@ -176,6 +199,10 @@ def main() -> int:
         "merge_vs_apply_max_abs_diff": merge_gap,
         "adapter": str(OUT / next(iter(copies))),
     }
+    if job.get("validation"):
+        summary["validation"], strip = validation_summary(server, job, data["latent_tensor"])
+        strip.save(OUT / "validation.png")
+        copies["validation.png"] = OUT / "validation.png"
     (OUT / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
     d = summary["distance_to_data"]
@@ -191,10 +218,17 @@ def main() -> int:
     print(f"  the adapter {'moves samples toward the data' if learned else 'did NOT move samples toward the data'}"
           f" ({d['1.0'] / d['0.0']:.0%} of the base distance at strength 1)")
     print(f"  merge vs apply at strength 1: max |difference| {merge_gap:.2e}")
+    at_one = [v for v in summary.get("validation", []) if v["strength"] == 1.0]
+    if at_one:
+        print("  validation previews at strength 1, distance to the training latent's preview by step:")
+        print("    " + "  ".join(f"{v['step']}: {v['distance_to_data']:.4f}" for v in at_one))
     print(f"  total {summary['seconds']:.0f}s; wrote:")
     for name in [*copies, "summary.json"]:
         print(f"    {OUT / name}")
-    return 0 if learned and fell else 1
+    approached = not at_one or at_one[-1]["distance_to_data"] < at_one[0]["distance_to_data"]
+    if not approached:
+        print("  the last validation preview is NOT closer to the data than the first")
+    return 0 if learned and fell and approached else 1
 
 
 if __name__ == "__main__":
