@@ -116,13 +116,13 @@ def bypass_forward(ctx: Context) -> list[dict]:
         clone = api.apply(ctx.ours.patcher, adapter, 1.0)
         ours, base = measure.paired_times(lambda i, c=clone: forward(c, inputs), lambda i: forward(plain, inputs),
                                           ctx.repeats, warmup=2)
-        target = "<= 1.15" if name == "lora_r16" else None
+        limit = 1.15 if name == "lora_r16" else 1.3
         rows.append(ctx.row(f"bypass_forward_{name}", ours, "base forward", base,
-                            f"{len(adapter.bindings)} block Linear layers, strength 1, batch 1", target=target))
-        if target:
-            ratio = rows[-1]["ratio"]
-            ctx.check("LoRA r16 bypass <= 1.15x base forward", ratio <= 1.15,
-                      f"{ratio:.3f}x wall-clock median ({rows[-1]['ratio_cpu']:.3f}x in CPU time)")
+                            f"{len(adapter.bindings)} block Linear layers, strength 1, batch 1 (the runtime picks "
+                            "per layer: delta product or weight rebuilt for the call)", target=f"<= {limit}"))
+        ratio = rows[-1]["ratio"]
+        ctx.check(f"{name} applied (no merge) <= {limit}x base forward", ratio <= limit,
+                  f"{ratio:.3f}x wall-clock median ({rows[-1]['ratio_cpu']:.3f}x in CPU time)")
     # The base model of `ours` now carries this pack's (inert) hooks on every adapted layer.
     ours, base = measure.paired_times(lambda i: forward(ctx.ours.patcher, inputs), lambda i: forward(plain, inputs),
                                       ctx.repeats, warmup=1)

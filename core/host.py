@@ -107,6 +107,50 @@ def sampling_timesteps(sampling: Any, sigmas: torch.Tensor) -> torch.Tensor:
 
 # -- adapters on ModelPatcher clones ---------------------------------------------------------
 
+_STANDARD_OPS: dict | None = None
+
+
+def _standard_ops() -> dict:
+    """forward / forward_comfy_cast_weights of ComfyUI's plain Linear and Conv ops -> 'linear' / 'conv'.
+
+    Only these run `op(x, *cast_bias_weight(module, x))`; fp8 / scaled / quantised ops run other
+    matmuls, so the runtime never replaces their computation (it adds deltas to their output).
+    """
+    global _STANDARD_OPS
+    if _STANDARD_OPS is None:
+        import comfy.ops
+
+        ops = comfy.ops.disable_weight_init
+        _STANDARD_OPS = {(cls.forward, cls.forward_comfy_cast_weights): kind
+                         for cls, kind in ((ops.Linear, "linear"), (ops.Conv1d, "conv"), (ops.Conv2d, "conv"),
+                                           (ops.Conv3d, "conv"))}
+    return _STANDARD_OPS
+
+
+def _op_kind(cls: type) -> str | bool | None:
+    if not hasattr(cls, "weight_function") or not hasattr(cls, "comfy_cast_weights"):
+        return None  # not a ComfyUI op
+    return _standard_ops().get((cls.forward, getattr(cls, "forward_comfy_cast_weights", None)), False)
+
+
+def _op_weights(module: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight, bias) exactly as the ComfyUI op casts them for x (dtype, device, weight/bias patches)."""
+    import comfy.ops
+
+    if not (module.comfy_cast_weights or module.weight_function or module.bias_function):
+        return module.weight, module.bias  # the op's own `super().forward`: its tensors as they are
+    cast = comfy.ops.cast_bias_weight(module, x)
+    return cast[0], cast[1]
+
+
+def _register_ops() -> None:
+    from .runtime import HostOps, register_host
+
+    register_host(HostOps(kind=_op_kind, weights=_op_weights))
+
+
+_register_ops()
+
 _RUNTIME_KEY = "lycoris"  # transformer_options entry and wrapper key
 
 

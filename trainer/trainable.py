@@ -4,12 +4,13 @@ For every target of a plan the initial tensors come from LyCORIS itself (its mod
 around a stand-in layer that carries the real base weight rows, so T-LoRA's SVD init sees the
 real weight and LoKr/LoRA start at ΔW = 0), taken the way LyCORIS saves them, and parsed by
 `core.adapters.parse_module`, the same math object that Apply uses at inference. Its tensors are
-then replaced by leaf tensors with `requires_grad`, so the runtime's bypass hooks produce a
-differentiable `strength * delta(x)` and the optimizer updates exactly what gets saved.
+then replaced by leaf tensors with `requires_grad`, so the runtime's hooks produce a
+differentiable adapted output (delta path or rebuilt weight, see `core.runtime`) and the
+optimizer updates exactly what gets saved.
 
-The runtime sees each module through a `_TrainingView`, which keeps the runtime from moving
-(and so replacing) the master tensors and drops derived caches (T-LoRA's concatenated factors)
-before every call, so no tensor of an earlier step's graph is ever reused.
+The runtime uses these modules directly: it never moves or casts an adapter's own tensors (it
+reads placed copies), and tensors that require grad are cast per call and never cached, so the
+optimizer's leaves stay the saved tensors and no tensor of an earlier step's graph is reused.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
 
 import torch
 
@@ -94,34 +94,6 @@ def lycoris_initial_params(target: PlannedTarget, layer: torch.nn.Module, base: 
     return params
 
 
-class _TrainingView:
-    """The runtime's handle on a trainable module: never moved by the runtime, no stale caches.
-
-    The runtime calls `to(device, dtype)` once per placement; for a trainable module that would
-    replace the optimizer's leaf tensors with casts of them, so it is a no-op here (the module's
-    `_p` casts per call, which is differentiable). Before each call `inner.to()` without
-    arguments keeps every tensor and drops derived caches built from an earlier graph.
-    """
-
-    def __init__(self, inner: ModuleAdapter):
-        self.inner = inner
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-    def to(self, device=None, dtype: torch.dtype | None = None) -> _TrainingView:
-        return self
-
-    def delta_output(self, x: torch.Tensor, base_weight: torch.Tensor | None = None,
-                     rank_mask: torch.Tensor | None = None) -> torch.Tensor:
-        self.inner.to()
-        return self.inner.delta_output(x, base_weight=base_weight, rank_mask=rank_mask)
-
-    def delta_weight(self, base_weight: torch.Tensor, strength: float, rank_mask: torch.Tensor | None = None):
-        self.inner.to()
-        return self.inner.delta_weight(base_weight, strength, rank_mask)
-
-
 def _make_trainable(adapter: ModuleAdapter, device: torch.device, dtype: torch.dtype) -> None:
     """Replace the module's tensors by leaves on the training device: trainable ones require grad."""
     for key, tensor in list(adapter.params.items()):
@@ -146,7 +118,7 @@ class TrainableAdapter:
         self.architecture = architecture
         self.warnings = list(warnings or [])
         self.modules = dict(modules)  # diffusers path -> ModuleAdapter (holding the leaves)
-        self.bindings = {t.path: ModuleBinding(t.path, _TrainingView(self.modules[t.path]), t.route)
+        self.bindings = {t.path: ModuleBinding(t.path, self.modules[t.path], t.route)
                          for t in plan.targets}
         self.tlora = (TLoraSchedule(config.tlora_min_rank, config.tlora_alpha)
                       if any(t.algo == "tlora" for t in plan.targets) else None)

@@ -6,10 +6,13 @@ validates every tensor against the layer and returns a `ModuleAdapter` with:
   (only when `linear_in_strength`);
 - `delta_weight(base_weight, strength, rank_mask=None)`: exact (ΔW, Δbias) of LyCORIS's rebuild
   forward at that strength, for every algorithm;
-- `state_dict()`, `to(device, dtype)`, `warnings`, and `rank` for T-LoRA.
+- `state_dict()`, `to(device, dtype)`, `warnings`, and `rank` for T-LoRA;
+- for the runtime's rebuilt-weight path: `weight_writer`, `leaf_grads`, the cost estimates
+  `delta_macs` / `rebuild_macs` / `rebuild_passes` / `grad_macs`, and `placed(device, dtype)`
+  (cached derived copies; the saved tensors themselves are never moved by the runtime).
 """
 
-from .base import KERNEL_BACKEND, AdapterError, LayerSpec, ModuleAdapter
+from .base import KERNEL_BACKEND, PASS_MACS, AdapterError, LayerSpec, ModuleAdapter
 from .fullrank import FullAdapter, IA3Adapter
 from .glora import GLoRAAdapter
 from .lokr import LoKrAdapter
@@ -21,6 +24,7 @@ from .tlora import TLoRAAdapter, svd_base
 __all__ = [
     "ALGOS",
     "KERNEL_BACKEND",
+    "PASS_MACS",
     "AdapterError",
     "BOFTAdapter",
     "DiagOFTAdapter",

@@ -1,8 +1,18 @@
-"""What every adapter module shares: the layer it sits on, its saved tensors, and the two entry points.
+"""What every adapter module shares: the layer it sits on, its saved tensors, and the entry points.
 
 `delta_output(x)` is the cheap bypass path (output += strength * delta_output(x)), valid only for
 algorithms whose effect is linear in the strength; `delta_weight(W, strength)` is the exact
 ΔW (and Δbias) of LyCORIS's non-bypass *rebuild* forward at that strength, for every algorithm.
+
+For the runtime's rebuilt-weight path (one matmul with W' = W + strength * ΔW instead of the base
+matmul plus a delta product) every module also offers `weight_writer` (writes rows of W' into a
+buffer), `leaf_grads` (gradients of its tensors from the layer's output gradient and input) and
+cost estimates (`delta_macs`, `rebuild_macs`, `grad_macs`) from which the runtime picks a path.
+
+The saved tensors (`params`) are the master copies: the runtime never moves or casts them. Casts
+to a call's device and dtype come from a per-module placement cache keyed by (device, dtype);
+tensors that require grad (trainable leaves) are cast per call instead (differentiable, and no
+derived copy outlives the call's graph). `to(device, dtype)` still moves the masters on request.
 """
 
 from __future__ import annotations
@@ -23,6 +33,11 @@ _BACKEND_ENV = os.environ.get("COMFYUI_LYCORIS_KERNEL_BACKEND", "torch").strip()
 KERNEL_BACKEND: str | None = None if _BACKEND_ENV in ("", "auto") else _BACKEND_ENV
 
 _CONV_OPS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+# The cost estimates below are in multiply-adds of a matmul. One elementwise pass over a tensor
+# (read + write) costs about this many per element: measured on CPU (AVX-512, fp32) at ~17 for a
+# tensor that stays in cache and ~50 for one that does not.
+PASS_MACS = 32.0
 
 
 class AdapterError(ValueError):
@@ -131,6 +146,15 @@ class LayerSpec:
         return self.op(x, weight)
 
 
+def grads_through(outputs: list[torch.Tensor], grads: list[torch.Tensor], leaves: list[torch.Tensor]) -> tuple:
+    """Gradients of `leaves` given gradients of `outputs` built from them (None for a leaf not reached)."""
+    pairs = [(o, g) for o, g in zip(outputs, grads, strict=True) if o.requires_grad]
+    if not pairs:
+        return (None,) * len(leaves)
+    with torch.enable_grad():
+        return torch.autograd.grad([o for o, _ in pairs], leaves, [g for _, g in pairs], allow_unused=True)
+
+
 # -- validation helpers: each raises AdapterError naming `lora_name.key` --
 
 def fail(lora_name: str, key: str, message: str) -> None:
@@ -193,6 +217,7 @@ class ModuleAdapter:
         self.warnings: list[str] = []
         self.linear_in_strength = True
         self.needs_base_weight = False
+        self._placements: dict[tuple[torch.device, torch.dtype], dict[str, torch.Tensor]] = {}
         ignored = sorted(set(params) - set(self.KEYS))
         if ignored:
             self.warnings.append(f"{lora_name}: ignored keys {ignored} (LyCORIS does not read them for {self.algo})")
@@ -217,12 +242,112 @@ class ModuleAdapter:
         return False
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> ModuleAdapter:
-        """Move (and cast floating) tensors; alpha and on_input keep their dtype. Returns self."""
+        """Move (and cast floating) the master tensors; alpha and on_input keep their dtype. Returns self.
+
+        The runtime never calls this (it reads placed copies, see `placed`); without arguments it
+        only drops every derived copy and cache (call it after changing the tensors in place).
+        """
         for key, tensor in self.params.items():
             cast = dtype if (tensor.is_floating_point() and key not in self._KEEP_DTYPE) else None
             self.params[key] = tensor.to(device=device, dtype=cast)
+        self._placements = {}
         self._moved()
         return self
+
+    def placed(self, device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The tensors on `device`, floating ones (but alpha / on_input) in `dtype`: derived copies, cached.
+
+        A tensor already there is returned as is (no copy). Tensors that require grad are not
+        cached: they are cast on every call by `_p`, and appear here as their masters.
+        """
+        key = (torch.device(device), dtype)
+        placed = self._placements.get(key)
+        if placed is None:
+            placed = {}
+            for name, tensor in self.params.items():
+                if tensor.requires_grad:
+                    placed[name] = tensor
+                    continue
+                cast = dtype if (tensor.is_floating_point() and name not in self._KEEP_DTYPE) else None
+                placed[name] = tensor.detach().to(device=key[0], dtype=cast)
+            self._placements[key] = placed
+        return placed
+
+    def release_placements(self) -> None:
+        """Drop the cached placed copies (the masters are kept)."""
+        self._placements = {}
+        self._moved()
+
+    # -- the rebuilt-weight path (see core.runtime) --
+
+    def delta_macs(self, tokens: int) -> float:
+        """Multiply-adds of `delta_output` for `tokens` input rows (default: one full-size product)."""
+        return float(tokens) * self._weight_numel()
+
+    def rebuild_macs(self) -> float:
+        """Multiply-adds to build ΔW once, beyond the weight-sized passes (`rebuild_passes`)."""
+        return 0.0
+
+    def rebuild_passes(self) -> float:
+        """Weight-sized elementwise passes of `weight_writer` (the generic float32 route takes several;
+        the runtime charges `PASS_MACS` per element and pass)."""
+        return 4.0
+
+    def grad_macs(self, tokens: int) -> float:
+        """Multiply-adds of `leaf_grads` for `tokens` rows (default: grad_W' = g^T x, one full-size product)."""
+        return float(tokens) * self._weight_numel()
+
+    @property
+    def can_rebuild(self) -> bool:
+        """Whether the runtime may fold this module into the layer's weight (T-LoRA's per-sample masks cannot)."""
+        return True
+
+    def weight_writer(self, like: torch.Tensor, strength: float, base_weight: torch.Tensor | None = None):
+        """(write, Δbias or None) for W' = W + ΔW(strength), in like's dtype and device, without autograd.
+
+        `write(dst, src, d, n)` sets dst = src + ΔW[d : d + n] (diffusers rows d..d+n of the layer):
+        dst is a contiguous row block of the rebuilt weight, src the base's same rows, or None to
+        add in place (dst += ΔW rows).
+        `base_weight` (the layer's rows of the base, in like's dtype) is needed when
+        `needs_base_weight` or when the module is not linear in the strength. This generic version
+        builds the exact ΔW once with `delta_weight`.
+        """
+        base = base_weight if base_weight is not None else like.new_zeros(()).expand(self.layer.weight_shape)
+        dw, db = self.delta_weight(base, strength)
+        dw = dw.to(device=like.device, dtype=like.dtype)
+
+        def write(dst, src, d, n):
+            rows = dw[d : d + n].reshape(dst.shape)
+            if src is None:
+                dst.add_(rows)
+            else:
+                torch.add(src, rows, out=dst)
+
+        return write, (None if db is None else db.to(device=like.device, dtype=like.dtype))
+
+    def leaf_grads(self, grad_out: torch.Tensor, x: torch.Tensor, strength: float,
+                   base_weight: torch.Tensor | None, leaves: list[torch.Tensor]) -> tuple:
+        """Gradients of `leaves` (tensors of `params`) for a linear layer run with W + strength * ΔW.
+
+        `grad_out` [tokens, out] is the gradient of the layer's output at this module's rows
+        (diffusers order), `x` [tokens, in] its input. Default: grad_W' = grad_out^T x, mapped onto
+        the leaves by autograd through ΔW's own construction (cheap next to the product).
+        """
+        grad_w = grad_out.t().matmul(x)
+        if strength != 1.0:
+            grad_w.mul_(strength)
+        with torch.enable_grad():
+            w32 = (base_weight.detach().float() if base_weight is not None
+                   else grad_w.new_zeros((), dtype=torch.float32).expand(self.layer.weight_shape))
+            dw, db = self._delta_weight(w32, 1.0, None)
+        outputs, grads = [dw], [grad_w.reshape(dw.shape).to(dw.dtype)]
+        if db is not None:
+            outputs.append(db)
+            grads.append((grad_out.sum(0) * strength).to(db.dtype))
+        return grads_through(outputs, grads, leaves)
+
+    def _weight_numel(self) -> int:
+        return math.prod(self.layer.weight_shape)
 
     def delta_output(self, x: torch.Tensor, base_weight: torch.Tensor | None = None,
                      rank_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -257,16 +382,27 @@ class ModuleAdapter:
         """Hook: drop caches derived from the params after `to`."""
 
     def _p(self, key: str, like: torch.Tensor) -> torch.Tensor | None:
-        """Param `key` on like's device and dtype (a no-op once `to` placed it there), or None."""
+        """Param `key` on like's device and dtype (from the placement cache), or None.
+
+        A tensor that requires grad is cast here, on every call: differentiable, nothing kept.
+        """
         tensor = self.params.get(key)
         if tensor is None:
             return None
-        return tensor.to(device=like.device, dtype=like.dtype)
+        if tensor.requires_grad:
+            cast = like.dtype if (tensor.is_floating_point() and key not in self._KEEP_DTYPE) else None
+            return tensor.to(device=like.device, dtype=cast)
+        return self.placed(like.device, like.dtype)[key]
 
     def _p32(self, key: str, like: torch.Tensor) -> torch.Tensor | None:
         """Param `key` as float32 on like's device, or None."""
         tensor = self.params.get(key)
-        return None if tensor is None else tensor.to(device=like.device, dtype=torch.float32)
+        if tensor is None:
+            return None
+        if tensor.requires_grad:
+            return tensor.to(device=like.device, dtype=torch.float32)
+        placed = self.placed(like.device, torch.float32)[key]
+        return placed if placed.dtype == torch.float32 else placed.float()
 
     def _delta_output(self, x, base_weight, rank_mask) -> torch.Tensor:
         raise NotImplementedError

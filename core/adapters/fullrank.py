@@ -30,6 +30,23 @@ class FullAdapter(ModuleAdapter):
         db = self._p32("diff_b", w32)
         return self._p32("diff", w32) * strength, (None if db is None else db * strength)
 
+    def rebuild_passes(self):
+        return 1.0
+
+    def weight_writer(self, like, strength, base_weight=None):
+        """dst = src + strength * diff rows (and Δbias = strength * diff_b)."""
+        diff, diff_b = self._p("diff", like), self._p("diff_b", like)
+        strength = float(strength)
+
+        def write(dst, src, d, n):
+            rows = diff[d : d + n]
+            if src is None:
+                dst.add_(rows, alpha=strength)
+            else:
+                torch.add(src, rows, alpha=strength, out=dst)
+
+        return write, (None if diff_b is None else diff_b * strength)
+
 
 class IA3Adapter(ModuleAdapter):
     algo = "ia3"

@@ -46,6 +46,14 @@ class GLoRAAdapter(ModuleAdapter):
         else:
             expect_shape(name, "b2.weight", p["b2.weight"], (r, L.in_features, *L.kernel_size))
 
+    def delta_macs(self, tokens):
+        L = self.layer
+        # W a1 once per call, then x through a2, (W a1) and the b chain: rank-sized products.
+        return float(self.dim) * self._weight_numel() + float(tokens) * self.dim * 2 * (L.in_features + L.out_features)
+
+    def rebuild_macs(self):
+        return 2.0 * self.dim * self._weight_numel()
+
     def _delta_output(self, x, base_weight, rank_mask):
         L = self.layer
         weight = base_weight.to(device=x.device, dtype=x.dtype)

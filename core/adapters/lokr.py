@@ -13,7 +13,7 @@ import math
 import torch
 from lycoris.functional.lokr import kron_bypass, kron_weight
 
-from .base import KERNEL_BACKEND, LayerSpec, alpha_scale, expect_shape, fail, require
+from .base import KERNEL_BACKEND, LayerSpec, alpha_scale, expect_shape, fail, grads_through, require
 from .lowrank import LowRankAdapter
 
 _FACTORS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
@@ -101,6 +101,90 @@ class LoKrAdapter(LowRankAdapter):
         if "lokr_w2" in self.params:
             factors[4] = factors[5] = factors[6] = None
         return factors
+
+    # -- the rebuilt-weight path --
+
+    def _fast_rebuild(self) -> bool:
+        return self.wd_on_out is None and not self.tucker
+
+    def _halves(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """w1 (a, c) and w2 as a matrix (b, d x kernel), each rebuilt from its factors (not Tucker)."""
+        w1, w1a, w1b, w2, w2a, w2b, _ = self._factors(like)
+        w1 = w1 if w1 is not None else w1a @ w1b
+        w2 = w2 if w2 is not None else w2a @ w2b.reshape(w2b.shape[0], -1)
+        return w1, w2.reshape(w2.shape[0], -1)
+
+    def delta_macs(self, tokens):
+        a, c = self._w1_shape()
+        b, d_flat = self.layer.out_features // a, self._flat_in // c
+        if "lokr_w2" in self.params:
+            per_token = c * d_flat * b
+        else:
+            per_token = c * d_flat * self.dim + c * self.dim * b
+        # LyCORIS's chain also transposes the activations twice: about half as much again.
+        return 1.5 * float(tokens) * (per_token + a * c * b)
+
+    def rebuild_macs(self):
+        if "lokr_w2" in self.params or self.dim is None:
+            return 0.0
+        a, c = self._w1_shape()
+        return float(self.dim) * self._weight_numel() / (a * c)  # w2 = w2_a w2_b
+
+    def grad_macs(self, tokens):
+        if self._factored_grads():
+            return 2.0 * float(tokens) * self._weight_numel() / self._w1_shape()[0]
+        return super().grad_macs(tokens)
+
+    def _factored_grads(self) -> bool:
+        """Gradients of w1 and w2 straight from (grad_out, x): two products of 1/a of a full one each,
+        with large inner dimensions and no weight-sized gradient, instead of grad_W' = gᵀ x."""
+        return self._fast_rebuild() and not self.layer.is_conv and self._w1_shape()[0] >= 2
+
+    def weight_writer(self, like, strength, base_weight=None):
+        """dst = src + (strength * scale) kron(w1, w2) rows: one broadcast addcmul, no ΔW materialised."""
+        if not self._fast_rebuild():
+            return super().weight_writer(like, strength, base_weight)
+        w1, w2 = self._halves(like)
+        c, (b, dk) = w1.shape[1], w2.shape
+        value = float(strength) * self.scale
+
+        def write(dst, src, d, n):
+            # Row r of kron(w1, w2) is w1[r // b] ⊗ w2[r % b]: whole w2 blocks in one 4-d addcmul,
+            # a partial block (a window or slice not aligned to b) as a 3-d one.
+            pos, end = d, d + n
+            while pos < end:
+                i, j = divmod(pos, b)
+                if j == 0 and end - pos >= b:
+                    m = (end - pos) // b
+                    rows, w1v, w2v = m * b, w1[i : i + m].view(m, 1, c, 1), w2.view(1, b, 1, dk)
+                    shape = (m, b, c, dk)
+                else:
+                    rows = min(b - j, end - pos)
+                    w1v, w2v, shape = w1[i].view(1, c, 1), w2[j : j + rows].view(rows, 1, dk), (rows, c, dk)
+                out = dst[pos - d : pos - d + rows].view(shape)
+                if src is None:
+                    out.addcmul_(w1v, w2v, value=value)
+                else:
+                    torch.addcmul(src[pos - d : pos - d + rows].reshape(shape), w1v, w2v, value=value, out=out)
+                pos += rows
+
+        return write, None
+
+    def leaf_grads(self, grad_out, x, strength, base_weight, leaves):
+        """grad w2 = Σ_t (g_t w1)ᵀ x_t and grad w1 = Σ_t g_t (x_t w2ᵀ)ᵀ on the (a, b) x (c, d) blocks of g and x."""
+        if not self._factored_grads():
+            return super().leaf_grads(grad_out, x, strength, base_weight, leaves)
+        with torch.enable_grad():
+            w1, w2 = self._halves(x)
+        (a, c), (b, d) = w1.shape, w2.shape
+        t = grad_out.shape[0]
+        g3, x2 = grad_out.reshape(t, a, b), x.reshape(t * c, d)
+        h = torch.matmul(w1.detach().t(), g3)  # (t, c, b): h[t, k, j] = Σ_i w1[i, k] g[t, i, j]
+        grad_w2 = h.reshape(t * c, b).t().matmul(x2)
+        u = x2.matmul(w2.detach().t()).reshape(t, c, b)  # u[t, k, j] = Σ_l x[t, k, l] w2[j, l]
+        grad_w1 = torch.bmm(g3, u.transpose(1, 2)).sum(0)  # Σ_t g[t] u[t]ᵀ
+        coef = float(strength) * self.scale
+        return grads_through([w1, w2], [grad_w1 * coef, grad_w2 * coef], leaves)
 
     def _unit_delta_weight(self, like):
         dw = kron_weight(*self._factors(like), scale=self.scale, backend=KERNEL_BACKEND)

@@ -16,6 +16,7 @@ from lycoris.functional.general import weight_decompose
 
 from .base import (
     KERNEL_BACKEND,
+    PASS_MACS,
     LayerSpec,
     ModuleAdapter,
     alpha_scale,
@@ -58,10 +59,30 @@ class LowRankAdapter(ModuleAdapter):
     def _delta_weight(self, w32, strength, rank_mask):
         dw = self._unit_delta_weight(w32)
         if self.wd_on_out is None:
-            return dw * strength, None
+            return (dw if strength == 1.0 else dw * strength), None
         merged = weight_decompose(w32 + dw, self._p32("dora_scale", w32), strength, self.wd_on_out,
                                   backend=KERNEL_BACKEND)
         return merged - w32, None
+
+    @property
+    def _flat_in(self) -> int:
+        """Columns of the layer weight flattened to 2-d (in / groups x kernel)."""
+        return self.layer.in_features * math.prod(self.layer.kernel_size)
+
+    def _fast_rebuild(self) -> bool:
+        """Whether `weight_writer` has its own in-place route (else the generic float32 one)."""
+        return False
+
+    def rebuild_passes(self) -> float:
+        return 1.0 if self._fast_rebuild() else super().rebuild_passes()
+
+
+def _rows_writer(dst: torch.Tensor, src: torch.Tensor | None, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """dst and src (None: in place) as 2-d (n, -1) views."""
+    return dst.view(n, -1), (None if src is None else src.reshape(n, -1))
+
+
+_CHUNK_ELEMENTS = 1 << 16  # elements of a LoHa ΔW built per step: blocks that stay in cache
 
 
 class LoRAAdapter(LowRankAdapter):
@@ -98,6 +119,32 @@ class LoRAAdapter(LowRankAdapter):
         down, up, mid = self._factors(like)
         dw = locon.diff_weight(down, up, mid, gamma=self.scale, backend=KERNEL_BACKEND)
         return dw.reshape(self.layer.weight_shape)
+
+    def _fast_rebuild(self) -> bool:
+        return self.wd_on_out is None and "lora_mid.weight" not in self.params
+
+    def delta_macs(self, tokens):
+        return float(tokens) * self.dim * (self._flat_in + self.layer.out_features)
+
+    def rebuild_macs(self):
+        return float(self.dim) * self._weight_numel() if self._fast_rebuild() else 0.0
+
+    def weight_writer(self, like, strength, base_weight=None):
+        """dst = src + (strength * scale) up[rows] down: one addmm per row block."""
+        if not self._fast_rebuild():
+            return super().weight_writer(like, strength, base_weight)
+        down, up, _ = self._factors(like)
+        down2, up2 = down.reshape(self.dim, -1), up.reshape(-1, self.dim)
+        alpha = float(strength) * self.scale
+
+        def write(dst, src, d, n):
+            dst2, src2 = _rows_writer(dst, src, n)
+            if src2 is None:
+                dst2.addmm_(up2[d : d + n], down2, alpha=alpha)
+            else:
+                torch.addmm(src2, up2[d : d + n], down2, alpha=alpha, out=dst2)
+
+        return write, None
 
     def add_output_(self, x, output, blocks, strength):
         """Plain linear LoRA: output += (strength*scale) * (x down^T) up^T with one addmm per row block.
@@ -166,6 +213,47 @@ class LoHaAdapter(LowRankAdapter):
         dw = loha.diff_weight(*self._factors(like), gamma=self._gamma, backend=KERNEL_BACKEND)
         return dw.reshape(self.layer.weight_shape)
 
+    def _fast_rebuild(self) -> bool:
+        return self.wd_on_out is None and not self.tucker
+
+    def _khatri_rao_applies(self) -> bool:
+        L = self.layer
+        return not self.tucker and L.groups == 1 and self.dim**2 * (L.out_features + self._flat_in) < \
+            L.out_features * self._flat_in
+
+    def delta_macs(self, tokens):
+        L = self.layer
+        if self._khatri_rao_applies():  # the rank-r² factors are built per call too
+            return (float(tokens) + PASS_MACS) * self.dim**2 * (L.out_features + self._flat_in)
+        return (2.0 * self.dim + PASS_MACS) * self._weight_numel() + float(tokens) * self._weight_numel()
+
+    def rebuild_macs(self):
+        return 2.0 * self.dim * self._weight_numel()
+
+    def weight_writer(self, like, strength, base_weight=None):
+        """dst = src + (strength * scale) (w1a w1b) ⊙ (w2a w2b), built in row chunks that stay in cache."""
+        if not self._fast_rebuild():
+            return super().weight_writer(like, strength, base_weight)
+        w1a, w1b, w2a, w2b = (self._p(k, like) for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"))
+        w1b, w2b = w1b.reshape(self.dim, -1), w2b.reshape(self.dim, -1)
+        value = float(strength) * self.scale
+        chunk = max(1, _CHUNK_ELEMENTS // w1b.shape[1])
+
+        def write(dst, src, d, n):
+            dst2, src2 = _rows_writer(dst, src, n)
+            q = dst2.new_empty((min(n, chunk), dst2.shape[1]))
+            for s0 in range(0, n, chunk):
+                e0 = min(n, s0 + chunk)
+                rows, qs = dst2[s0:e0], q[: e0 - s0]
+                torch.mm(w2a[d + s0 : d + e0], w2b, out=qs)
+                if src2 is None:
+                    rows.addcmul_(w1a[d + s0 : d + e0] @ w1b, qs, value=value)
+                else:  # (w1a w1b) straight into the rows of W', then W' = W + value * W' ⊙ (w2a w2b)
+                    torch.mm(w1a[d + s0 : d + e0], w1b, out=rows)
+                    torch.addcmul(src2[s0:e0], rows, qs, value=value, out=rows)
+
+        return write, None
+
     def _khatri_rao(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """ΔW/scale = (w1a w1b) ⊙ (w2a w2b) = U V, U[:, i r + j] = w1a[:, i] w2a[:, j], V[i r + j] = w1b[i] w2b[j].
 
@@ -180,8 +268,7 @@ class LoHaAdapter(LowRankAdapter):
 
     def _delta_output(self, x, base_weight, rank_mask):
         L = self.layer
-        flat_in = L.in_features * math.prod(L.kernel_size)
-        if not self.tucker and L.groups == 1 and self.dim**2 * (L.out_features + flat_in) < L.out_features * flat_in:
+        if self._khatri_rao_applies():
             # Cheaper than LyCORIS's bypass (which builds ΔW every call): the same ΔW as a rank-r² chain.
             up, down = self._khatri_rao(x)
             return locon.bypass_forward_diff(x, None, down, up, None, gamma=self.scale, extra_args=L.conv_kwargs,

@@ -62,7 +62,7 @@ class TLoRAAdapter(ModuleAdapter):
             self.warnings.append(f"{lora_name}: T-LoRA base (base_q/base_p/base_lambda) not stored; re-derived "
                                  "by an SVD of the layer's base weight, as LyCORIS does at load (right only if "
                                  "training used sig_type 'principal' with data init on the same weights)")
-        self._cat: tuple | None = None
+        self._cat: dict = {}  # (device, dtype) -> concatenated factors, only while none requires grad
 
     def _check(self, q_key: str, p_key: str, lam_key: str) -> None:
         L, r, name, p = self.layer, self.rank, self.lora_name, self.params
@@ -71,7 +71,14 @@ class TLoRAAdapter(ModuleAdapter):
         expect_shape(name, lam_key, require(name, p, lam_key), (1, r))
 
     def _moved(self) -> None:
-        self._cat = None
+        self._cat = {}
+
+    @property
+    def can_rebuild(self) -> bool:
+        return False  # the rank mask differs per sample: always the bypass chain
+
+    def delta_macs(self, tokens):
+        return float(tokens) * 2 * self.rank * (self.layer.in_features + self.layer.out_features)
 
     def _ensure_base(self, base_weight: torch.Tensor | None) -> None:
         if not self.needs_base_weight:
@@ -82,7 +89,7 @@ class TLoRAAdapter(ModuleAdapter):
         for key, tensor in svd_base(base_weight, self.rank, self.layer).items():
             self.params[key] = tensor.to(device=like.device, dtype=like.dtype)
         self.needs_base_weight = False
-        self._cat = None
+        self.release_placements()
 
     def _mask(self, rank_mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
         if rank_mask is None:
@@ -94,14 +101,20 @@ class TLoRAAdapter(ModuleAdapter):
         return mask
 
     def _concat(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """[Q; Q_b], [P, P_b] and scale * [λ, -λ_b]: current and base paths as one rank-2r chain."""
+        """[Q; Q_b], [P, P_b] and scale * [λ, -λ_b]: current and base paths as one rank-2r chain.
+
+        Cached per (device, dtype) unless a tensor requires grad (then built per call, in the graph).
+        """
         key = (x.device, x.dtype)
-        if self._cat is None or self._cat[0] != key:
-            q = torch.cat([self._p("q_layer.weight", x), self._p("base_q", x)])
-            p = torch.cat([self._p("p_layer.weight", x), self._p("base_p", x)], dim=1)
-            lam = torch.cat([self._p("lambda_layer", x), -self._p("base_lambda", x)], dim=1) * self.scale
-            self._cat = (key, q, p, lam)
-        return self._cat[1:]
+        cached = self._cat.get(key)
+        if cached is not None:
+            return cached
+        q = torch.cat([self._p("q_layer.weight", x), self._p("base_q", x)])
+        p = torch.cat([self._p("p_layer.weight", x), self._p("base_p", x)], dim=1)
+        lam = torch.cat([self._p("lambda_layer", x), -self._p("base_lambda", x)], dim=1) * self.scale
+        if not any(t.requires_grad for t in self.params.values()):
+            self._cat[key] = (q, p, lam)
+        return q, p, lam
 
     def delta_output(self, x, base_weight=None, rank_mask=None):
         self._ensure_base(base_weight)
