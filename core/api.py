@@ -19,6 +19,7 @@ from . import host
 from .adapter_file import adapter_metadata, free_adapter_name, write_adapter
 from .adapter_set import AdapterMismatchError, LoadedAdapter, architecture_key, load
 from .merge import merge_patches
+from .strength_shape import BlockSpec, Schedule, StrengthShapeError, resolve_blocks
 
 
 def load_adapter(path: str | Path, model: Any, strict: bool = False) -> LoadedAdapter:
@@ -47,28 +48,47 @@ def check_strength(value: Any, input_name: str = "strength") -> float:
     return float(value)
 
 
-def apply(model: Any, adapter: LoadedAdapter, strength: float) -> Any:
-    """A clone of `model` running `adapter` at `strength` (bypass)."""
-    return apply_sweep(model, adapter, (check_strength(strength),))
+def apply(model: Any, adapter: LoadedAdapter, strength: float, blocks: BlockSpec | None = None,
+          schedule: Sequence[tuple[float, float]] | None = None) -> Any:
+    """A clone of `model` running `adapter` at `strength` (bypass).
+
+    `blocks`: ordered {fnmatch pattern over the ComfyUI module path: multiplier}; a module takes the
+    first match's multiplier (none: 1.0); a pattern matching no adapted module is an error.
+    `schedule`: keyframes [(percent, multiplier), ...] over ComfyUI's sampling percent (0 = start,
+    highest noise; 1 = end), linear in between, constant outside, evaluated per sample from its
+    sigma. Effective strength per module and sample: strength x block multiplier x schedule multiplier.
+    """
+    return apply_sweep(model, adapter, (check_strength(strength),), blocks=blocks, schedule=schedule)
 
 
-def apply_sweep(model: Any, adapter: LoadedAdapter, strengths: Sequence[float]) -> Any:
-    """A clone where latent sample i (of each CFG chunk) uses strengths[i % len(strengths)]."""
+def apply_sweep(model: Any, adapter: LoadedAdapter, strengths: Sequence[float], blocks: BlockSpec | None = None,
+                schedule: Sequence[tuple[float, float]] | None = None) -> Any:
+    """A clone where latent sample i (of each CFG chunk) uses strengths[i % len(strengths)]; `blocks` and
+    `schedule` as in `apply`."""
     values = tuple(check_strength(s, "strengths" if len(strengths) > 1 else "strength") for s in strengths)
     if not values:
         raise StrengthError("strengths: give at least one strength")
     _check_fits(model, adapter)
-    return host.attach_application(model, adapter.application(values))
+    application = adapter.application(values)
+    application.blocks = resolve_blocks(blocks, application.bindings) or None
+    if schedule is not None:
+        application.schedule = Schedule.of(schedule).bind(host.percent_to_sigma(model))
+    return host.attach_application(model, application)
 
 
-def merge(model: Any, adapter: LoadedAdapter, strength: float, tlora_timestep: int | None = None
-          ) -> tuple[Any, list[str]]:
-    """A clone of `model` with strength x ΔW patched in (ComfyUI restores the base on unpatch)."""
+def merge(model: Any, adapter: LoadedAdapter, strength: float, tlora_timestep: int | None = None,
+          blocks: BlockSpec | None = None, schedule: object = None) -> tuple[Any, list[str]]:
+    """A clone of `model` with strength x block multiplier x ΔW patched in (ComfyUI restores the base on
+    unpatch). `blocks` as in `apply`; a schedule cannot be merged (its strength changes during sampling)."""
     strength = check_strength(strength)
+    if schedule is not None:
+        raise StrengthShapeError("schedule: a strength schedule cannot be merged into weights (it changes during "
+                                 "sampling); use Apply LyCORIS, or merge at one strength")
     _check_fits(model, adapter)
     params = dict(model.model.diffusion_model.named_parameters())
+    multipliers = resolve_blocks(blocks, adapter.by_comfy_module())
     patches, warnings = merge_patches(adapter, strength, lambda key: host.comfy_weight(model, key),
-                                      tlora_timestep, has_param=lambda key: key in params)
+                                      tlora_timestep, has_param=lambda key: key in params, multipliers=multipliers)
     return host.merge_patches(model, patches), warnings
 
 

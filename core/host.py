@@ -188,9 +188,18 @@ def _apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, contro
         timesteps = sampling_timesteps(executor.class_obj.model_sampling, t.reshape(-1)).to(x.device)
         if timesteps.numel() == 1:
             timesteps = timesteps.expand(x.shape[0])
-    state = build_call_state(apps, x.shape[0], chunks, timesteps)
+    sigmas = None
+    if any(app.schedule is not None for app in apps):
+        sigmas = t.reshape(-1)
+        sigmas = sigmas.expand(x.shape[0]) if sigmas.numel() == 1 else sigmas
+    state = build_call_state(apps, x.shape[0], chunks, timesteps, sigmas)
     with active(state):
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+
+
+def percent_to_sigma(model: Any):
+    """The MODEL's own `model_sampling.percent_to_sigma` (0 = start of sampling, 1 = end)."""
+    return model.get_model_object("model_sampling").percent_to_sigma
 
 
 def merge_patches(model: Any, patches: list[tuple[str, tuple | None, torch.Tensor]]) -> Any:

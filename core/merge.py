@@ -17,12 +17,13 @@ Patch = tuple[str, tuple[int, int, int] | None, torch.Tensor]
 
 
 def merge_patches(adapter: LoadedAdapter, strength: float, base_weight: Callable[[str], torch.Tensor],
-                  tlora_timestep: int | None = None, has_param: Callable[[str], bool] = lambda key: True
-                  ) -> tuple[list[Patch], list[str]]:
+                  tlora_timestep: int | None = None, has_param: Callable[[str], bool] = lambda key: True,
+                  multipliers: dict[str, float] | None = None) -> tuple[list[Patch], list[str]]:
     """Patches that add the adapter at `strength` to the base, and warnings.
 
     `base_weight(key)` returns a ComfyUI weight (float32). T-LoRA merges at one timestep's mask
-    (`tlora_timestep`, 0..1000) or with every rank active (None).
+    (`tlora_timestep`, 0..1000) or with every rank active (None). `multipliers`: per ComfyUI module
+    path, a factor on the strength (per-block strengths; missing: 1.0); a module at 0 adds nothing.
     """
     patches: list[Patch] = []
     warnings: list[str] = []
@@ -31,13 +32,16 @@ def merge_patches(adapter: LoadedAdapter, strength: float, base_weight: Callable
         warnings.append(f"T-LoRA merged at {when}: the merged model is no longer timestep-dependent")
     for binding in adapter.bindings.values():
         route, module = binding.route, binding.adapter
+        module_strength = float(strength) * (multipliers or {}).get(route.comfy_module, 1.0)
+        if module_strength == 0.0 and module.linear_in_strength:
+            continue
         base = take_rows(route, base_weight(f"{route.comfy_module}.weight"))
         mask = None
         if getattr(module, "rank", None) is not None and adapter.tlora is not None and tlora_timestep is not None:
             mask = rank_mask(torch.tensor([tlora_timestep]), module.rank,
                              min(adapter.tlora.min_rank, module.rank), adapter.tlora.alpha)
         place(module, "cpu", torch.float32)
-        delta_w, delta_b = module.delta_weight(base, float(strength), rank_mask=mask)
+        delta_w, delta_b = module.delta_weight(base, module_strength, rank_mask=mask)
         patches += _sliced(f"{route.comfy_module}.weight", route, delta_w)
         if delta_b is not None:
             if not has_param(f"{route.comfy_module}.bias"):

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from .adapters.base import PASS_MACS
 from .families import Route
+from .strength_shape import scaled
 from .tlora import rank_mask
 
 _ACTIVE: contextvars.ContextVar[CallState | None] = contextvars.ContextVar("lycoris_call_state", default=None)
@@ -81,6 +82,8 @@ class Application:
     bindings: dict[str, list[ModuleBinding]]  # ComfyUI module path -> bindings
     strengths: tuple[float, ...]
     tlora: TLoraSchedule | None = None
+    blocks: dict[str, float] | None = None  # ComfyUI module path -> multiplier (core.strength_shape)
+    schedule: object = None  # a core.strength_shape.BoundSchedule: multiplier over the sampling percent
 
     def __deepcopy__(self, memo) -> Application:
         return self
@@ -110,13 +113,18 @@ def per_sample_strengths(strengths: Sequence[float], batch: int, chunks: int) ->
 
 
 def build_call_state(applications: Sequence[Application], batch: int, chunks: int,
-                     timesteps: torch.Tensor | None) -> CallState:
-    """The call state for a batch; `timesteps` (per sample, 0..1000) drive T-LoRA masks."""
+                     timesteps: torch.Tensor | None, sigmas: torch.Tensor | None = None) -> CallState:
+    """The call state for a batch; `timesteps` (per sample, 0..1000) drive T-LoRA masks, `sigmas`
+    (per sample) strength schedules. Strength per module and sample: strength x block x schedule."""
     by_module: dict[str, list[_Active]] = {}
     for app in applications:
         strength = per_sample_strengths(app.strengths, batch, chunks)
+        if app.schedule is not None and sigmas is not None:
+            strength = scaled(strength, app.schedule.multipliers(sigmas), batch)
         masks: dict[int, torch.Tensor] = {}
         for comfy_path, bindings in app.bindings.items():
+            multiplier = (app.blocks or {}).get(comfy_path, 1.0)
+            module_strength = strength if multiplier == 1.0 else scaled(strength, multiplier, batch)
             for binding in bindings:
                 mask = None
                 rank = getattr(binding.adapter, "rank", None)
@@ -124,7 +132,7 @@ def build_call_state(applications: Sequence[Application], batch: int, chunks: in
                     if rank not in masks:
                         masks[rank] = rank_mask(timesteps, rank, min(app.tlora.min_rank, rank), app.tlora.alpha)
                     mask = masks[rank]
-                by_module.setdefault(comfy_path, []).append(_Active(binding, strength, mask, app))
+                by_module.setdefault(comfy_path, []).append(_Active(binding, module_strength, mask, app))
     return CallState(by_module)
 
 
