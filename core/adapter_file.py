@@ -5,11 +5,22 @@ config's `apply_preset.lora_prefix` says otherwise); metadata `lycoris_config` h
 config JSON. Only safetensors are read: pickle formats can run code when loaded. Names given by
 users resolve inside their folder only, and writes go to a temp file renamed into place, so a
 crash never leaves a partial file under the final name.
+
+Reading never requires the metadata to be a complete training config. SimpleTuner 4.10.1 writes two
+kinds of file (helpers/training/trainer.py final save, helpers/training/save_hooks.py checkpoints):
+- checkpoints: metadata = the whole config file, a copy of it as `lycoris_config.json` beside;
+- the final `pytorch_lora_weights.safetensors`: metadata = the config without `multiplier`,
+  `linear_dim`, `linear_alpha`, `tlora_min_rank`, `tlora_alpha` (removed before create_lycoris),
+  and the whole config copied as `lycoris_config.json` beside it.
+So the metadata is completed from a side-car (`<name>.lycoris_config.json` or `lycoris_config.json`
+in the same folder, or one folder up for SimpleTuner's `ema/` copy) when one is there, and
+`tlora_settings` says what is known about the T-LoRA schedule and where it came from.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import secrets
@@ -24,7 +35,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .config import ConfigError, LycorisConfig, parse_config
+from .config import SIMPLETUNER_CASTS, SIMPLETUNER_STRIPPED, ConfigError, LycorisConfig, load_json, parse_config
 from .families import Route
 from .paths import PathNameError, free_name, numbered_name, resolve_inside, safe_relative_name
 
@@ -34,12 +45,41 @@ CONFIG_KEY = "lycoris_config"  # the metadata key SimpleTuner writes (json.dumps
 PACK_PREFIX = "lycoris_pack."  # our own metadata keys, namespaced so no other tool's keys collide
 DEFAULT_LORA_PREFIX = "lycoris"
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
+SIDECAR = "lycoris_config.json"  # the name SimpleTuner copies its config to, beside the weights
+MAX_SIDECAR_BYTES = 1_000_000
 OUTPUT_FOLDER = "the output folder"
 T = TypeVar("T")
 
 
 class AdapterFileError(ValueError):
     """An adapter file (or a name for one) that cannot be used; the message names the file or key."""
+
+
+@dataclass(frozen=True)
+class TLoraSettings:
+    """What a file says about its T-LoRA schedule; None = the file does not say.
+
+    `linear_dim` is the mask width SimpleTuner used (one mask for every module, cut or padded to
+    each module's rank); `source` says where the values came from, for the Load node.
+    """
+
+    min_rank: int | None = None
+    alpha: float | None = None
+    linear_dim: int | None = None
+    source: str = "unknown"
+
+    @property
+    def known(self) -> bool:
+        return self.min_rank is not None and self.alpha is not None
+
+    def given(self, min_rank: int | None = None, alpha: float | None = None) -> TLoraSettings:
+        """These settings with the user's values (Load node inputs) in place of the file's."""
+        if min_rank is None and alpha is None:
+            return self
+        parts = [p for p, v in (("tlora_min_rank", min_rank), ("tlora_alpha", alpha)) if v is not None]
+        source = f"{' and '.join(parts)} given on the node" + ("" if self.source == "unknown" else f"; rest {self.source}")
+        return TLoraSettings(self.min_rank if min_rank is None else int(min_rank),
+                             self.alpha if alpha is None else float(alpha), self.linear_dim, source)
 
 
 @dataclass(frozen=True)
@@ -50,8 +90,10 @@ class AdapterFile:
     modules: dict[str, dict[str, torch.Tensor]]  # lora_name -> {param: tensor}
     metadata: dict[str, str]
     config: LycorisConfig | None = None
-    raw_config: dict[str, Any] | None = None  # the lycoris_config JSON, kept even when parse_config rejects it
-    warnings: list[str] = field(default_factory=list)
+    raw_config: dict[str, Any] | None = None  # the lycoris_config JSON (completed from a side-car), kept even when
+    warnings: list[str] = field(default_factory=list)  # parse_config rejects it
+    sidecar: Path | None = None  # the lycoris_config.json whose keys completed the metadata
+    tlora_settings: TLoraSettings = field(default_factory=TLoraSettings)
 
     @property
     def lora_prefix(self) -> str:
@@ -192,23 +234,126 @@ def _group(name: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, dict[str
     return modules
 
 
-def _parse_metadata_config(metadata: Mapping[str, str]) -> tuple[LycorisConfig | None, dict | None, list[str]]:
-    """The `lycoris_config` metadata, strictly parsed if possible; a rejected config is a warning, not a failure."""
+def _metadata_config(metadata: Mapping[str, str]) -> tuple[dict | None, list[str]]:
+    """The `lycoris_config` metadata as a dict, or None with a warning saying why."""
     text = metadata.get(CONFIG_KEY)
     if text is None:
-        return None, None, []
+        return None, []
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as err:
-        return None, None, [f"{CONFIG_KEY} metadata is not valid JSON ({err.msg}); settings unknown"]
+        return None, [f"{CONFIG_KEY} metadata is not valid JSON ({err.msg}); settings unknown"]
     except RecursionError:
-        return None, None, [f"{CONFIG_KEY} metadata is nested too deeply to be a config; settings unknown"]
+        return None, [f"{CONFIG_KEY} metadata is nested too deeply to be a config; settings unknown"]
     if not isinstance(raw, dict):
-        return None, None, [f"{CONFIG_KEY} metadata is not a JSON object; settings unknown"]
+        return None, [f"{CONFIG_KEY} metadata is not a JSON object; settings unknown"]
     try:
-        return parse_config(raw), raw, []
+        load_json(json.dumps(raw))  # the depth limit
     except ConfigError as err:
-        return None, raw, [f"{CONFIG_KEY} metadata: {err} (the weights still load; the raw config is kept)"]
+        return None, [f"{CONFIG_KEY} metadata: {err}; settings unknown"]
+    return raw, []
+
+
+def sidecar_candidates(path: Path) -> list[Path]:
+    """Where a SimpleTuner config copy for `path` may be: `<name>.lycoris_config.json`, then
+    `lycoris_config.json` in the same folder, then one folder up for SimpleTuner's `ema/` file."""
+    out = [path.with_name(f"{path.stem}.{SIDECAR}"), path.with_name(SIDECAR)]
+    if path.parent.name == "ema":
+        out.append(path.parent.parent / SIDECAR)
+    return out
+
+
+def _read_sidecar(path: Path) -> tuple[dict | None, Path | None, list[str]]:
+    for candidate in sidecar_candidates(path):
+        if not candidate.is_file():
+            continue
+        try:
+            if candidate.stat().st_size > MAX_SIDECAR_BYTES:
+                return None, None, [f"{candidate.name} beside the file is over {MAX_SIDECAR_BYTES} bytes; not read"]
+            return load_json(candidate.read_text(encoding="utf-8")), candidate, []
+        except (OSError, UnicodeDecodeError, ConfigError) as err:
+            return None, None, [f"{candidate.name} beside the file cannot be read ({err}); not used"]
+    return None, None, []
+
+
+def _merge_sidecar(meta: dict | None, side: dict | None, side_path: Path | None) -> tuple[dict | None, Path | None,
+                                                                                          list[str]]:
+    """The metadata config completed with the side-car's keys (the metadata wins where both have a key).
+
+    A side-car for another algorithm belongs to another adapter: it is not used."""
+    if side is None:
+        return meta, None, []
+    if meta is None:
+        return side, side_path, []
+    if "algo" in meta and "algo" in side and str(meta["algo"]).lower() != str(side["algo"]).lower():
+        return meta, None, [f"{side_path.name} beside the file is for algo '{side['algo']}', the file is "
+                            f"'{meta['algo']}'; not used"]
+    differ = sorted(k for k in meta if k in side and meta[k] != side[k])
+    warnings = [f"{side_path.name} beside the file differs from the file's {CONFIG_KEY} in {', '.join(differ)}; "
+                "the file's values are used"] if differ else []
+    return {**side, **meta}, side_path, warnings
+
+
+def _cast(kind: type, value: Any) -> int | float | None:
+    """SimpleTuner's cast of a T-LoRA setting, None when it cannot be used."""
+    try:
+        out = kind(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return out if math.isfinite(out) and out >= 0 else None
+
+
+def tlora_settings_of(meta: Mapping[str, Any] | None, side: Mapping[str, Any] | None, side_name: str | None,
+                      metadata: Mapping[str, str]) -> TLoraSettings:
+    """The T-LoRA schedule a file states, and where from: tlora_* keys of the metadata config, else of the
+    side-car; for a complete config (one SimpleTuner could train from) SimpleTuner's defaults for keys it
+    leaves out (trainer.py: int(get("tlora_min_rank", 1)), float(get("tlora_alpha", 1.0)), linear_dim
+    int(get("linear_dim", 4))); else this pack's `lycoris_pack.tlora_*` metadata; None where nothing says."""
+    layers = [(meta or {}, f"the file's {CONFIG_KEY}"), (side or {}, f"{side_name} beside the file")]
+    complete = any("multiplier" in raw and "linear_alpha" in raw for raw, _ in layers)
+    values: dict[str, Any] = {}
+    sources: list[str] = []
+    for key in ("tlora_min_rank", "tlora_alpha", "linear_dim"):
+        kind, default = SIMPLETUNER_CASTS[key]
+        found = next(((raw[key], where) for raw, where in layers if key in raw), None)
+        if found is not None:
+            values[key] = _cast(kind, found[0])
+            sources.append(found[1])
+        elif complete:
+            values[key] = default
+            sources.append("SimpleTuner's defaults")
+        elif key != "linear_dim" and f"{PACK_PREFIX}{key}" in metadata:
+            values[key] = _cast(kind, metadata[f"{PACK_PREFIX}{key}"])
+            sources.append("this pack's lycoris_pack metadata")
+    if values.get("tlora_min_rank") is None or values.get("tlora_alpha") is None:
+        return TLoraSettings(None, None, values.get("linear_dim"), "unknown")
+    return TLoraSettings(values["tlora_min_rank"], values["tlora_alpha"], values.get("linear_dim"),
+                         " and ".join(dict.fromkeys(sources)))
+
+
+def _describe_missing(raw: dict | None) -> str:
+    stripped = [k for k in SIMPLETUNER_STRIPPED if k not in (raw or {})]
+    return (f"{CONFIG_KEY} metadata has no {', '.join(stripped)} (SimpleTuner's final save removes them) and no "
+            f"{SIDECAR} is beside the file; settings not in the file are unknown")
+
+
+def _file_config(path: Path, metadata: Mapping[str, str]) -> tuple[LycorisConfig | None, dict | None, Path | None,
+                                                                  TLoraSettings, list[str]]:
+    """(config if complete, raw config, side-car used, T-LoRA settings, warnings) for a file."""
+    meta, warnings = _metadata_config(metadata)
+    side, side_path, more = _read_sidecar(path)
+    raw, used, merged = _merge_sidecar(meta, side, side_path)
+    warnings += more + merged
+    settings = tlora_settings_of(meta, side if used is not None else None, used.name if used else None, metadata)
+    if raw is None:
+        return None, None, used, settings, warnings
+    if any(k not in raw for k in ("multiplier", "linear_alpha")):
+        return None, raw, used, settings, warnings + [_describe_missing(raw)]
+    try:
+        return parse_config(raw), raw, used, settings, warnings
+    except ConfigError as err:
+        return None, raw, used, settings, warnings + [f"{CONFIG_KEY}: {err} (the weights still load; the raw config "
+                                                      "is kept)"]
 
 
 def read_adapter(path: str | os.PathLike[str]) -> AdapterFile:
@@ -220,9 +365,9 @@ def read_adapter(path: str | os.PathLike[str]) -> AdapterFile:
     if not tensors:
         raise AdapterFileError(f"{path.name}: contains no tensors")
     modules = _group(path.name, tensors)
-    config, raw, warnings = _parse_metadata_config(metadata)
+    config, raw, sidecar, settings, warnings = _file_config(path, metadata)
     return AdapterFile(path=path, modules=modules, metadata=metadata, config=config, raw_config=raw,
-                       warnings=warnings)
+                       warnings=warnings, sidecar=sidecar, tlora_settings=settings)
 
 
 def lora_names(routes: Mapping[str, Route], prefix: str = DEFAULT_LORA_PREFIX) -> dict[str, str]:

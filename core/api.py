@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from numbers import Real
 from pathlib import Path
 from typing import Any
@@ -22,9 +23,14 @@ from .merge import merge_patches
 from .strength_shape import BlockSpec, Schedule, StrengthShapeError, resolve_blocks
 
 
-def load_adapter(path: str | Path, model: Any, strict: bool = False) -> LoadedAdapter:
-    """Read an adapter file and bind it to `model`'s family and layers."""
-    return load(path, host.model_unet_config(model), strict=strict)
+def load_adapter(path: str | Path, model: Any, strict: bool = False, tlora_min_rank: int | None = None,
+                 tlora_alpha: float | None = None) -> LoadedAdapter:
+    """Read an adapter file and bind it to `model`'s family and layers.
+
+    `tlora_min_rank` / `tlora_alpha`: the T-LoRA schedule, when the file does not say it (SimpleTuner's
+    final file without its lycoris_config.json) or to override it; None = from the file."""
+    return load(path, host.model_unet_config(model), strict=strict, tlora_min_rank=tlora_min_rank,
+                tlora_alpha=tlora_alpha)
 
 
 def _check_fits(model: Any, adapter: LoadedAdapter) -> None:
@@ -76,6 +82,33 @@ def apply_sweep(model: Any, adapter: LoadedAdapter, strengths: Sequence[float], 
     return host.attach_application(model, application)
 
 
+@dataclass(frozen=True)
+class Variant:
+    """One look of an adapter for `apply_variants`: a strength, block multipliers and a schedule."""
+
+    name: str
+    strength: float = 1.0
+    blocks: BlockSpec | None = None
+    schedule: Sequence[tuple[float, float]] | None = None
+
+
+def apply_variants(model: Any, adapter: LoadedAdapter, variants: Sequence[Variant]) -> Any:
+    """A clone where latent sample i (of each CFG chunk) runs variants[i % len(variants)]: several looks in one
+    sampler run, each exactly as `apply` would give it, at no weight work."""
+    if not variants:
+        raise StrengthError("variants: give at least one variant")
+    _check_fits(model, adapter)
+    clone = model
+    for i, variant in enumerate(variants):
+        strength = check_strength(variant.strength, f"variants[{i}].strength")
+        application = adapter.application(tuple(strength if j == i else 0.0 for j in range(len(variants))))
+        application.blocks = resolve_blocks(variant.blocks, application.bindings) or None
+        if variant.schedule is not None:
+            application.schedule = Schedule.of(variant.schedule).bind(host.percent_to_sigma(model))
+        clone = host.attach_application(clone, application)
+    return clone
+
+
 def merge(model: Any, adapter: LoadedAdapter, strength: float, tlora_timestep: int | None = None,
           blocks: BlockSpec | None = None, schedule: object = None) -> tuple[Any, list[str]]:
     """A clone of `model` with strength x block multiplier x ΔW patched in (ComfyUI restores the base on
@@ -112,7 +145,8 @@ def save_adapter(adapter: LoadedAdapter, folder: str | Path, name: str, overwrit
         name = free_adapter_name(folder, name, input_name)
     config_json = adapter.config.to_json() if adapter.config is not None else adapter.metadata.get("lycoris_config", "{}")
     extra = {}
-    if adapter.tlora is not None:
+    settings = getattr(adapter, "tlora_settings", None)
+    if adapter.tlora is not None and (settings is None or settings.known):  # never record a guessed schedule
         extra.update(tlora_min_rank=adapter.tlora.min_rank, tlora_alpha=adapter.tlora.alpha)
     metadata = adapter_metadata(config_json, adapter.family, ",".join(adapter.algos), extra)
     return write_adapter(Path(folder), name, adapter_tensors(adapter), metadata, overwrite=overwrite,
@@ -123,6 +157,13 @@ def describe(adapter: LoadedAdapter) -> str:
     """Text for the Load node: what matched, algorithms, warnings."""
     lines = [f"{adapter.name}: {adapter.report}", f"family {adapter.family}; algorithms: {', '.join(adapter.algos)}"]
     if adapter.tlora is not None:
-        lines.append(f"T-LoRA: min rank {adapter.tlora.min_rank}, alpha {adapter.tlora.alpha:g}")
+        settings = getattr(adapter, "tlora_settings", None)
+        if settings is not None and not settings.known:
+            lines.append(f"T-LoRA schedule unknown: sampling with min rank {adapter.tlora.min_rank}, alpha "
+                         f"{adapter.tlora.alpha:g} (SimpleTuner's defaults); set tlora_min_rank / tlora_alpha")
+        else:
+            where = f" ({settings.source})" if settings is not None else ""
+            width = f"; mask width linear_dim {settings.linear_dim}" if settings and settings.linear_dim else ""
+            lines.append(f"T-LoRA: min rank {adapter.tlora.min_rank}, alpha {adapter.tlora.alpha:g}{where}{width}")
     lines += [f"warning: {w}" for w in adapter.warnings]
     return "\n".join(lines)

@@ -10,7 +10,7 @@ import torch
 from .adapter_set import LoadedAdapter
 from .families.base import take_rows
 from .runtime import place
-from .tlora import rank_mask
+from .tlora import module_mask
 
 # (ComfyUI parameter key under diffusion_model, offset (dim, start, length) or None, delta)
 Patch = tuple[str, tuple[int, int, int] | None, torch.Tensor]
@@ -38,8 +38,8 @@ def merge_patches(adapter: LoadedAdapter, strength: float, base_weight: Callable
         base = take_rows(route, base_weight(f"{route.comfy_module}.weight"))
         mask = None
         if getattr(module, "rank", None) is not None and adapter.tlora is not None and tlora_timestep is not None:
-            mask = rank_mask(torch.tensor([tlora_timestep]), module.rank,
-                             min(adapter.tlora.min_rank, module.rank), adapter.tlora.alpha)
+            mask = module_mask(torch.tensor([tlora_timestep]), module.rank, adapter.tlora.linear_dim,
+                               adapter.tlora.min_rank, adapter.tlora.alpha)
         place(module, "cpu", torch.float32)
         delta_w, delta_b = module.delta_weight(base, module_strength, rank_mask=mask)
         patches += _sliced(f"{route.comfy_module}.weight", route, delta_w)

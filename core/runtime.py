@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from .adapters.base import PASS_MACS
 from .families import Route
 from .strength_shape import scaled
-from .tlora import rank_mask
+from .tlora import module_mask
 
 _ACTIVE: contextvars.ContextVar[CallState | None] = contextvars.ContextVar("lycoris_call_state", default=None)
 # 'auto' (per cost), 'rebuild' or 'delta'; the environment variable sets the default (tests run both).
@@ -57,6 +57,7 @@ class TLoraSchedule:
 
     min_rank: int = 1
     alpha: float = 1.0
+    linear_dim: int | None = None  # SimpleTuner's mask width (the config's linear_dim); None: each module's rank
 
 
 @dataclass(eq=False)
@@ -130,7 +131,8 @@ def build_call_state(applications: Sequence[Application], batch: int, chunks: in
                 rank = getattr(binding.adapter, "rank", None)
                 if app.tlora is not None and rank is not None and timesteps is not None:
                     if rank not in masks:
-                        masks[rank] = rank_mask(timesteps, rank, min(app.tlora.min_rank, rank), app.tlora.alpha)
+                        masks[rank] = module_mask(timesteps, rank, app.tlora.linear_dim, app.tlora.min_rank,
+                                                  app.tlora.alpha)
                     mask = masks[rank]
                 by_module.setdefault(comfy_path, []).append(_Active(binding, module_strength, mask, app))
     return CallState(by_module)

@@ -22,21 +22,14 @@ import torch
 from .config import ConfigError, LycorisConfig
 from .families import FamilyProfile, Route, profile_for
 
-# create_lycoris applies its `preset` (default "full") after the user's apply_preset; of a
-# built-in preset only `enable_conv` reaches LycorisNetwork, so it decides conv handling.
-BUILTIN_PRESET_ENABLE_CONV = {
-    "full": True, "full-lin": False, "attn-mlp": False, "attn-only": False, "unet-only": True,
-    "unet-transformer-only": False, "unet-convblock-only": True, "ia3": False,
-}
-
 # Config keyword -> the module keyword create_lycoris passes it as (LycorisNetwork root kwargs).
 _ROOT_KWARGS = {"decompose_both": "decompose_both", "factor": "factor", "block_size": "block_size",
                 "constraint": "constraint", "rescaled": "rescaled", "dora_wd": "weight_decompose",
                 "wd_on_output": "wd_on_out", "full_matrix": "full_matrix", "bypass_mode": "bypass_mode",
-                "unbalanced_factorization": "unbalanced_factorization"}
+                "unbalanced_factorization": "unbalanced_factorization", "use_scalar": "use_scalar"}
 _ROOT_DEFAULTS = {"factor": -1, "decompose_both": False, "block_size": 4, "constraint": 0.0, "rescaled": False,
                   "weight_decompose": False, "wd_on_out": True, "full_matrix": False, "bypass_mode": False,
-                  "unbalanced_factorization": False}
+                  "unbalanced_factorization": False, "use_scalar": False}
 
 
 @dataclass(frozen=True)
@@ -93,11 +86,7 @@ class _Selector:
         self.root_kwargs = {**_ROOT_DEFAULTS, **{_ROOT_KWARGS[k]: v for k, v in config.keywords.items()
                                                  if k in _ROOT_KWARGS}}
         self.use_tucker = bool(config.keywords.get("use_tucker", False))
-        builtin = config.source.get("preset", "full")
-        if builtin not in BUILTIN_PRESET_ENABLE_CONV:
-            raise ConfigError(f"preset: '{builtin}' is not a LyCORIS built-in preset "
-                              f"({', '.join(BUILTIN_PRESET_ENABLE_CONV)})")
-        enable_conv = BUILTIN_PRESET_ENABLE_CONV[builtin]
+        enable_conv = config.enable_conv  # after create_lycoris's own `preset` (built-in or file): core.config
         conv_dim = config.keywords.get("conv_dim") or config.linear_dim
         self.conv_dim = int(conv_dim) if enable_conv else 0
         self.conv_alpha = float(config.keywords.get("conv_alpha") or config.linear_alpha)
@@ -193,7 +182,7 @@ def resolve(config: LycorisConfig, skeleton: torch.nn.Module, profile: FamilyPro
         targets.append(PlannedTarget(
             path=path, lora_name=lora_name, layer=type(module).__name__, owner_class=owner,
             weight_shape=tuple(module.weight.shape), route=routes[path], algo=algo, dim=int(dim),
-            alpha=float(alpha), use_tucker=use_tucker, module_kwargs=kwargs,
+            alpha=float(alpha or dim), use_tucker=use_tucker, module_kwargs=kwargs,  # LyCORIS: alpha 0 = dim
         ))
     if not targets:
         raise _no_match_error(config, skeleton, profile)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import folder_paths
 from comfy_api.latest import io, ui
 
@@ -10,7 +12,9 @@ from ..core.adapter_file import SUFFIX
 from ..core.paths import PathNameError, safe_relative_name
 from .types import CATEGORY, LycorisAdapter
 
-STRENGTH = dict(default=1.0, min=-10.0, max=10.0, step=0.05)
+# As core's LoRA loader: a number widget with step 0.01 (a drag moves 0.01 per pixel, the arrows 0.01 per
+# click), so a mouse sets 0..1.5 to 0.05 and finer; a slider over -10..10 made 0..1.5 about 20 pixels.
+STRENGTH = dict(default=1.0, min=-10.0, max=10.0, step=0.01, display_mode=io.NumberDisplay.number)
 
 
 def check_strength_input(strength) -> bool | str:
@@ -39,6 +43,9 @@ def check_name_input(value, input_name: str, suffix: str | None = None) -> bool 
     return True
 
 
+FROM_FILE = -1  # Load LyCORIS's T-LoRA inputs: take the value from the file
+
+
 def _lora_files() -> list[str]:
     return folder_paths.get_filename_list("loras")
 
@@ -62,15 +69,30 @@ class LoadLycoris(io.ComfyNode):
                 io.Boolean.Input("strict", default=False,
                                  tooltip="Fail when any module of the file has no place in this model, "
                                          "instead of listing it."),
+                io.Int.Input("tlora_min_rank", default=FROM_FILE, min=FROM_FILE, max=1 << 16, optional=True,
+                             tooltip="T-LoRA only: ranks active even at the noisiest step. -1 = from the file. "
+                                     "SimpleTuner's final file leaves it out (its lycoris_config.json beside the "
+                                     "file has it): the node then says the schedule is unknown."),
+                io.Float.Input("tlora_alpha", default=FROM_FILE, min=FROM_FILE, max=100.0, step=0.1, optional=True,
+                               tooltip="T-LoRA only: exponent of the rank schedule. -1 = from the file."),
             ],
             outputs=[LycorisAdapter.Output("adapter", display_name="adapter",
                                            tooltip="The adapter, for Apply / A/B / Merge / Save.")],
         )
 
     @classmethod
-    def execute(cls, model, lora_name, strict) -> io.NodeOutput:
+    def validate_inputs(cls, tlora_min_rank=None, tlora_alpha=None) -> bool | str:
+        for name, value in (("tlora_min_rank", tlora_min_rank), ("tlora_alpha", tlora_alpha)):
+            if value is not None and not (value == FROM_FILE or (math.isfinite(value) and value >= 0)):
+                return f"{name}: -1 (from the file) or a number >= 0, got {value}"
+        return True
+
+    @classmethod
+    def execute(cls, model, lora_name, strict, tlora_min_rank=FROM_FILE, tlora_alpha=FROM_FILE) -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise("loras", lora_name)
-        adapter = api.load_adapter(path, model, strict=strict)
+        adapter = api.load_adapter(path, model, strict=strict,
+                                   tlora_min_rank=None if tlora_min_rank == FROM_FILE else int(tlora_min_rank),
+                                   tlora_alpha=None if tlora_alpha == FROM_FILE else float(tlora_alpha))
         return io.NodeOutput(adapter, ui=ui.PreviewText(api.describe(adapter)))
 
 
@@ -90,7 +112,7 @@ class ApplyLycoris(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="Model to adapt; it is not changed (a new clone is returned)."),
                 LycorisAdapter.Input("adapter", tooltip="From Load LyCORIS or a training job."),
-                io.Float.Input("strength", **STRENGTH, display_mode=io.NumberDisplay.slider, tooltip="0 is the base model; 1 the adapter as trained."),
+                io.Float.Input("strength", **STRENGTH, tooltip="0 is the base model; 1 the adapter as trained."),
             ],
             outputs=[io.Model.Output(tooltip="The model with the adapter.")],
         )

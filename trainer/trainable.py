@@ -120,7 +120,7 @@ class TrainableAdapter:
         self.modules = dict(modules)  # diffusers path -> ModuleAdapter (holding the leaves)
         self.bindings = {t.path: ModuleBinding(t.path, self.modules[t.path], t.route)
                          for t in plan.targets}
-        self.tlora = (TLoraSchedule(config.tlora_min_rank, config.tlora_alpha)
+        self.tlora = (TLoraSchedule(config.tlora_min_rank, config.tlora_alpha, config.linear_dim)
                       if any(t.algo == "tlora" for t in plan.targets) else None)
 
     @classmethod

@@ -22,7 +22,8 @@ def test_bad_config_names_the_field(bad, message):
 
 # JSON Schema cannot say "finite", "a valid regex" or compare two fields; the parser does.
 SCHEMA_EXPRESSIBLE = [(b, m) for b, m in BAD_CONFIGS
-                      if not any(s in m for s in ("finite", "regular expression", "larger than linear_dim"))]
+                      if not any(s in m for s in ("finite", "regular expression", "cannot read", "switches the adapter",
+                                                  "becomes 0", "lower case", "neither a LyCORIS built-in"))]
 
 
 @pytest.mark.parametrize("bad, message", SCHEMA_EXPRESSIBLE, ids=[m[:40] for _, m in SCHEMA_EXPRESSIBLE])
@@ -55,7 +56,7 @@ def test_shipped_presets_are_valid(path):
 def test_schema_lists_exactly_the_parser_keys():
     assert set(SCHEMA["properties"]) == {*cfgmod.TOP_LEVEL, *cfgmod.DOC_KEYS, "apply_preset"}
     assert set(SCHEMA["$defs"]["override"]["properties"]) == set(cfgmod.OVERRIDE_KEYS)
-    assert set(SCHEMA["$defs"]["preset"]["properties"]) == set(cfgmod.PRESET_KEYS)
+    assert set(SCHEMA["$defs"]["preset"]["properties"]) == {*cfgmod.PRESET_KEYS, *cfgmod.UNAPPLIED_PRESET_KEYS}
     assert SCHEMA["$defs"]["algo"]["enum"] == list(cfgmod.ALGOS)
 
 
@@ -64,15 +65,16 @@ def test_warnings_for_settings_that_do_nothing():
     text = " | ".join(config.warnings)
     assert "tlora_alpha: only used by algo 'tlora'" in text
     assert "factor: only used by algo 'lokr'" in text
-    assert "linear_alpha: SimpleTuner reads this field with int(); 0.5 trains as 0 there" in text
+    assert "linear_alpha: 0.5 becomes 0 in SimpleTuner: LyCORIS then uses alpha = dim (scale 1)" in text
+    assert config.linear_alpha == 0
 
 
 def test_overrides_and_defaults():
     config = parse_config(with_(linear_dim=DROP, full_matrix=True), overrides={"factor": 8})
-    assert config.linear_dim == 10000 and config.factor == 8 and config.full_matrix
+    assert config.linear_dim == 4 and config.factor == 8 and config.full_matrix  # SimpleTuner's default
     assert config.tlora_min_rank == 1 and config.tlora_alpha == 1.0
     assert config.lycoris_kwargs() == {"algo": "lokr", "full_matrix": True, "factor": 8}
-    assert json.loads(config.to_json())["factor"] == 8
+    assert json.loads(config.to_json())["factor"] == 8 and "linear_dim" not in json.loads(config.to_json())
 
 
 def test_deprecated_keys_are_read_as_their_new_names():
@@ -81,5 +83,7 @@ def test_deprecated_keys_are_read_as_their_new_names():
     assert any("constrain: deprecated" in w for w in config.warnings)
 
 
-def test_string_booleans_are_normalised():
+def test_string_booleans_are_read_as_lycoris_reads_them():
     assert parse_config(with_(full_matrix="true")).full_matrix is True
+    assert parse_config(with_(full_matrix="False")).full_matrix is False  # str_bool: only "false" is false
+    assert parse_config(with_(full_matrix="0")).full_matrix is True

@@ -77,12 +77,14 @@ def test_bad_parameters_name_the_field(rank, min_rank, alpha, field):
         active_rank(0, rank, min_rank, alpha)
 
 
-def test_flow_timesteps_are_snapped_before_truncation():
-    assert int(1000 * torch.tensor(0.9, dtype=torch.float32).item()) == 899  # the trap
-    assert timestep_from_sigma_flow(torch.tensor(0.9, dtype=torch.float32).item()) == 900
-    sigmas = torch.tensor([1.0, 0.9, 0.8996, 0.25, 0.0], dtype=torch.float32)
-    assert timestep_from_sigma_flow(sigmas).tolist() == [1000, 900, 899, 250, 0]
-    assert integer_timestep(899.6) == 899 and integer_timestep(899.99994) == 900
+def test_flow_timesteps_are_simpletuners_float32_truncation():
+    """SimpleTuner: `timesteps = sigmas * 1000.0` in float32, then `int(t)` (test_simpletuner_conformance has more)."""
+    assert int(1000 * torch.tensor(0.9, dtype=torch.float32).item()) == 899  # a float64 product would give 899
+    assert timestep_from_sigma_flow(torch.tensor(0.9, dtype=torch.float32).item()) == 900  # float32's gives 900
+    sigmas = torch.tensor([1.0, 0.9, 0.8996, 0.25, 0.0, 0.90099996], dtype=torch.float32)
+    assert timestep_from_sigma_flow(sigmas).tolist() == [1000, 900, 899, 250, 0, 900]
+    assert integer_timestep(899.6) == 899 and integer_timestep(899.99997) == 900  # float32(899.99997) is 900.0
+    assert integer_timestep(899.9999) == 899
 
 
 @pytest.mark.parametrize("rank, alpha, size", [(64, 1.0, (768, 512)), (8, 2.0, (768, 512)),
