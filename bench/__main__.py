@@ -20,7 +20,7 @@ from .env import REPO, WORK, setup
 
 # Case name -> whether it needs the LyCORIS adapter files (the training cases build their own models).
 CASES = {"bypass_forward": True, "strength_change": True, "sweep": True, "memory": True, "training": False,
-         "memory_estimate": False}
+         "memory_estimate": False, "variants": True}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -49,7 +49,8 @@ def case_functions() -> dict[str, Callable]:
     from . import cases, memory, train_cases
 
     found = {"bypass_forward": cases.bypass_forward, "strength_change": cases.strength_change,
-             "sweep": cases.sweep, "memory": memory.memory, "training": train_cases.training}
+             "sweep": cases.sweep, "memory": memory.memory, "training": train_cases.training,
+             "variants": cases.variants}
     if (Path(__file__).parent / "memory_estimate.py").exists():  # helper H2's module, where present
         from . import memory_estimate
 

@@ -190,3 +190,67 @@ def sweep(ctx: Context) -> list[dict]:
     ctx.check("sweep sample i == core run at strength i", diff < 1e-4, f"max rel diff {diff:.2e}")
     return [ctx.row("sweep_4_strengths", ours_s, "4 core runs", core_s,
                     f"apply_sweep {SWEEP} + one batch-4 forward vs 4 x (core LoRA + load + batch-1 forward)")]
+
+
+# -- 4. per-block strengths and schedules: four looks in one batch ----------------------------
+
+def _variants(adapter) -> list[api.Variant]:
+    """Full, double blocks only, single blocks only, and the adapter over the first 40% of the steps only."""
+    return [api.Variant("full"), api.Variant("double blocks only", blocks={"single_blocks.*": 0.0}),
+            api.Variant("single blocks only", blocks={"double_blocks.*": 0.0}),
+            api.Variant("early steps", schedule=[(0.0, 1.0), (0.4, 1.0), (0.41, 0.0), (1.0, 0.0)])]
+
+
+def variants(ctx: Context) -> list[dict]:
+    """Four variants in one batch vs four core runs re-patching the same file; block changes write nothing."""
+    import comfy.model_management as mm
+
+    unload_all()
+    one, four, lora_sd = ctx.ours.inputs(1), ctx.ours.inputs(4), ctx.core_lora()
+    adapter = api.load_adapter(ctx.files["lora_r16"], ctx.ours.patcher)  # double and single blocks
+    looks = _variants(adapter)
+
+    def core(i):  # core has no per-block strength: four re-patches (of the attention file it maps) per look
+        return [forward(core_apply(ctx.core.patcher, lora_sd, 1.0 - 0.1 * k), one) for k in range(4)]
+
+    def ours(i):
+        clone = api.apply_variants(ctx.ours.patcher, adapter, looks)
+        mm.load_models_gpu([clone])
+        return forward(clone, four)
+
+    ours_s, core_s = measure.paired_times(ours, core, max(3, ctx.repeats // 2), warmup=1)
+    # Each sample equals its variant applied alone (untimed).
+    batch = ours(0)
+    diffs = []
+    for k, look in enumerate(looks):
+        alone = api.apply(ctx.ours.patcher, adapter, look.strength, blocks=look.blocks, schedule=look.schedule)
+        mm.load_models_gpu([alone])
+        diffs.append(rel_diff(batch[k : k + 1], forward(alone, four)[k : k + 1]))
+    ctx.check("variant sample k == variant k applied alone", max(diffs) < 1e-4, f"max rel diff {max(diffs):.2e}")
+    # Changing block strengths writes no weight (untimed).
+    unload_all()
+    before = measure.weight_fingerprint(ctx.ours.patcher.model.diffusion_model)
+    written = 0
+    for blocks in ({"double_blocks.*": 0.5}, {"single_blocks.*": 0.25, "*": 1.5}, None):
+        clone = api.apply(ctx.ours.patcher, adapter, 1.0, blocks=blocks)
+        mm.load_models_gpu([clone])
+        forward(clone, one)
+        written = max(written, measure.bytes_written(ctx.ours.patcher.model.diffusion_model, before))
+    core_written = _core_bytes_written(ctx, lora_sd)
+    unload_all()
+    return [
+        ctx.row("sweep_4_variants", ours_s, "4 core runs", core_s,
+                "apply_variants (full / double only / single only / early-steps schedule) + one batch-4 forward vs "
+                "4 x (core LoRA re-patch + load + batch-1 forward)"),
+        ctx.row("block_strength_change_weight_bytes", float(written), "core LoraLoaderModelOnly",
+                float(core_written), "bytes of base weights rewritten per block-strength change", unit="bytes",
+                target="ours == 0"),
+    ]
+
+
+def _core_bytes_written(ctx: Context, lora_sd: dict) -> int:
+    """What one core re-patch writes into the model's weights."""
+    unload_all()
+    before = measure.weight_fingerprint(ctx.core.patcher.model.diffusion_model)
+    forward(core_apply(ctx.core.patcher, lora_sd, 0.5), ctx.core.inputs(1))
+    return measure.bytes_written(ctx.core.patcher.model.diffusion_model, before)
