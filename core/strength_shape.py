@@ -176,3 +176,38 @@ def scaled(strength: float | torch.Tensor, factor: float | torch.Tensor, batch: 
         f = f.expand(batch)
     out = s.double() * f.double().to(s.device)
     return float(out[0]) if bool((out == out[0]).all()) else out.float()
+
+
+# Block presets per family (ComfyUI module paths): what people reach for first.
+BLOCK_PRESETS: dict[str, str] = {
+    "all blocks": "",
+    "Flux: double blocks only": "single_blocks.* = 0",
+    "Flux: single blocks only": "double_blocks.* = 0",
+    "Flux: late blocks only": "double_blocks.* = 0\nsingle_blocks.[0-9].* = 0\nsingle_blocks.1[0-9].* = 0",
+    "SDXL: input blocks only": "middle_block.* = 0\noutput_blocks.* = 0",
+    "SDXL: middle block only": "input_blocks.* = 0\noutput_blocks.* = 0",
+    "SDXL: output blocks only": "input_blocks.* = 0\nmiddle_block.* = 0",
+}
+
+
+def parse_keyframes(text: str, field: str = "keyframes") -> list[tuple[float, float]]:
+    """'percent = multiplier' lines (or comma-separated) -> keyframes."""
+    pairs = parse_block_lines(text.replace(",", "\n"), field)
+    frames = []
+    for percent, value in pairs:
+        frames.append((_finite(percent, f"{field}: percent '{percent}'"), value))
+    return list(Schedule.of(frames).keyframes)
+
+
+def ramp_keyframes(start: float, end: float, ramp: float, inside: float = 1.0,
+                   outside: float = 0.0) -> list[tuple[float, float]]:
+    """`inside` from `start` to `end` percent, `outside` beyond, with linear ramps `ramp` wide outside the window."""
+    if not 0.0 <= start <= end <= 1.0:
+        raise StrengthShapeError(f"start/end: need 0 <= start <= end <= 1, got {start:g} / {end:g}")
+    ramp = max(0.0, float(ramp))
+    frames = [(start, inside), (end, inside)]
+    if start > 0:
+        frames.insert(0, (max(0.0, start - ramp), outside))
+    if end < 1:
+        frames.append((min(1.0, end + ramp), outside))
+    return list(Schedule.of(frames).keyframes)

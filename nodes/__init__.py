@@ -7,6 +7,7 @@ from . import (  # noqa: F401  (web_routes registers HTTP routes)
     dev_models,
     export_nodes,
     preview_nodes,
+    schedule_nodes,
     tlora_visualizer,
     train_nodes,
     validation_nodes,
@@ -23,6 +24,7 @@ NODE_CLASSES = [
     *tlora_visualizer.NODES,
     *dev_models.NODES,
     *preview_nodes.NODES,
+    *schedule_nodes.NODES,
 ]
 
 NODE_CLASS_MAPPINGS = {cls.define_schema().node_id: cls for cls in NODE_CLASSES}

@@ -10,7 +10,8 @@ from comfy_api.latest import io, ui
 from ..core import api
 from ..core.adapter_file import SUFFIX
 from ..core.paths import PathNameError, safe_relative_name
-from .types import CATEGORY, LycorisAdapter
+from ..core.strength_shape import BLOCK_PRESETS, StrengthShapeError, describe_blocks, parse_block_lines
+from .types import CATEGORY, LycorisAdapter, LycorisSchedule
 
 # As core's LoRA loader: a number widget with step 0.01 (a drag moves 0.01 per pixel, the arrows 0.01 per
 # click), so a mouse sets 0..1.5 to 0.05 and finer; a slider over -10..10 made 0..1.5 about 20 pixels.
@@ -93,7 +94,34 @@ class LoadLycoris(io.ComfyNode):
         adapter = api.load_adapter(path, model, strict=strict,
                                    tlora_min_rank=None if tlora_min_rank == FROM_FILE else int(tlora_min_rank),
                                    tlora_alpha=None if tlora_alpha == FROM_FILE else float(tlora_alpha))
-        return io.NodeOutput(adapter, ui=ui.PreviewText(api.describe(adapter)))
+        text = f"{api.describe(adapter)}\nblocks: {describe_blocks(adapter.by_comfy_module())}"
+        return io.NodeOutput(adapter, ui=ui.PreviewText(text))
+
+
+PRESET_NAMES = list(BLOCK_PRESETS)
+
+
+def _block_inputs() -> list:
+    """Per-block strength inputs shared by Apply and Merge."""
+    return [
+        io.Combo.Input("block_preset", options=PRESET_NAMES, default=PRESET_NAMES[0], optional=True,
+                       tooltip="Per-block multipliers to start from (Flux: double / single blocks; SDXL: input / "
+                               "middle / output blocks); block_strengths lines come first."),
+        io.String.Input("block_strengths", multiline=True, default="", optional=True,
+                        tooltip="'pattern = multiplier' lines over ComfyUI module paths, e.g. 'double_blocks.* = 0.5'; "
+                                "a module takes the first matching line (then the preset's; none: 1). A pattern "
+                                "matching no adapted module is an error. The Load node lists the adapter's blocks."),
+    ]
+
+
+def block_pairs(preset: str, lines: str) -> list[tuple[str, float]]:
+    """The typed lines first, then the preset's (first match wins); a node error naming the field."""
+    if preset not in BLOCK_PRESETS:
+        raise ValueError(f"block_preset: '{preset}' is not one of {', '.join(BLOCK_PRESETS)}")
+    try:
+        return parse_block_lines(lines or "") + parse_block_lines(BLOCK_PRESETS[preset], "block_preset")
+    except StrengthShapeError as err:
+        raise ValueError(str(err)) from None
 
 
 class ApplyLycoris(io.ComfyNode):
@@ -113,6 +141,10 @@ class ApplyLycoris(io.ComfyNode):
                 io.Model.Input("model", tooltip="Model to adapt; it is not changed (a new clone is returned)."),
                 LycorisAdapter.Input("adapter", tooltip="From Load LyCORIS or a training job."),
                 io.Float.Input("strength", **STRENGTH, tooltip="0 is the base model; 1 the adapter as trained."),
+                *_block_inputs(),
+                LycorisSchedule.Input("schedule", optional=True,
+                                      tooltip="From LyCORIS Strength Schedule: a multiplier over the sampling steps "
+                                              "(each sample's own sigma), e.g. the adapter only in the early steps."),
             ],
             outputs=[io.Model.Output(tooltip="The model with the adapter.")],
         )
@@ -122,8 +154,13 @@ class ApplyLycoris(io.ComfyNode):
         return check_strength_input(strength)
 
     @classmethod
-    def execute(cls, model, adapter, strength) -> io.NodeOutput:
-        return io.NodeOutput(api.apply(model, adapter, strength))
+    def execute(cls, model, adapter, strength, block_preset=PRESET_NAMES[0], block_strengths="",
+                schedule=None) -> io.NodeOutput:
+        blocks = block_pairs(block_preset, block_strengths)
+        try:
+            return io.NodeOutput(api.apply(model, adapter, strength, blocks=blocks or None, schedule=schedule))
+        except StrengthShapeError as err:
+            raise ValueError(str(err)) from None
 
 
 class MergeLycoris(io.ComfyNode):
@@ -144,6 +181,7 @@ class MergeLycoris(io.ComfyNode):
                 io.Float.Input("strength", **STRENGTH, tooltip="Strength baked into the weights."),
                 io.Int.Input("tlora_timestep", default=-1, min=-1, max=1000,
                              tooltip="T-LoRA only: timestep (0..1000) whose rank mask is merged; -1 = all ranks."),
+                *_block_inputs(),
             ],
             outputs=[io.Model.Output(tooltip="The merged model.")],
         )
@@ -153,8 +191,13 @@ class MergeLycoris(io.ComfyNode):
         return check_strength_input(strength)
 
     @classmethod
-    def execute(cls, model, adapter, strength, tlora_timestep) -> io.NodeOutput:
-        merged, warnings = api.merge(model, adapter, strength, None if tlora_timestep < 0 else tlora_timestep)
+    def execute(cls, model, adapter, strength, tlora_timestep, block_preset=PRESET_NAMES[0],
+                block_strengths="") -> io.NodeOutput:
+        try:
+            merged, warnings = api.merge(model, adapter, strength, None if tlora_timestep < 0 else tlora_timestep,
+                                         blocks=block_pairs(block_preset, block_strengths) or None)
+        except StrengthShapeError as err:
+            raise ValueError(str(err)) from None
         return io.NodeOutput(merged, ui=ui.PreviewText("\n".join(warnings) or "merged"))
 
 

@@ -7,6 +7,7 @@ LycorisAdapter = io.Custom("LYCORIS_ADAPTER")
 LycorisJob = io.Custom("LYCORIS_JOB")
 LycorisDataset = io.Custom("LYCORIS_DATASET")
 LycorisValidation = io.Custom("LYCORIS_VALIDATION")
+LycorisSchedule = io.Custom("LYCORIS_SCHEDULE")
 TRAIN_CATEGORY = "LyCORIS/train"
 
 CATEGORY = "LyCORIS"

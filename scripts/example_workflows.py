@@ -72,11 +72,13 @@ def preview(latent, title="Tiny Latent Preview (swap: VAE Decode)") -> dict:
                 value_range=2.0)
 
 
-def train(model, dataset, config, steps, output_name, lr=LEARNING_RATE, save_every=50, schedule="constant") -> dict:
+def train(model, dataset, config, steps, output_name, lr=LEARNING_RATE, save_every=50, schedule="constant",
+          validation=None) -> dict:
+    extra = {"validation": validation} if validation is not None else {}
     return node("LycorisTrain", model=model, dataset=dataset, config=config, steps=steps, batch_size=1,
                 grad_accumulation=1, learning_rate=lr, lr_schedule=schedule, warmup_steps=0, optimizer="adamw",
                 seed=0, dtype="float32", gradient_checkpointing=True, save_every=save_every, keep_last=2,
-                nan_policy="stop", output_name=output_name, resume=False)
+                nan_policy="stop", output_name=output_name, resume=False, **extra)
 
 
 def flux2_lokr_train() -> dict:
@@ -89,13 +91,19 @@ def flux2_lokr_train() -> dict:
         "4": node("LycorisLatentDataset", latents=["2", 0], conditioning=["3", 0], repeats=1, caption_dropout=0.0),
         "5": node("LycorisConfig", preset="flux2_lokr", config_json=""),
         "6": node("LycorisPlan", model=["1", 0], config=["5", 0]),
-        "7": train(["1", 0], ["4", 0], ["5", 0], TRAIN_STEPS, ADAPTER, schedule="cosine"),
+        "7": train(["1", 0], ["4", 0], ["5", 0], TRAIN_STEPS, ADAPTER, schedule="cosine", validation=["14", 0]),
         "8": node("LycorisJob", job=["7", 0], wait=True),
         "9": node("SaveImage", "Save loss curve", images=["8", 1], filename_prefix="lycoris-demo/loss"),
         "10": preview(["2", 0], "Tiny Latent Preview of the training data"),
         "11": node("SaveImage", "Save training data preview", images=["10", 0],
                    filename_prefix="lycoris-demo/training_data"),
         "12": node("SaveLatent", "Save training latents", samples=["2", 0], filename_prefix="lycoris-demo/training"),
+        "13": node("EmptyFlux2LatentImage", "Validation size", width=RES, height=RES, batch_size=1),
+        "14": node("LycorisValidation", "Validation previews (SimpleTuner's validation_lycoris_strength)",
+                   positive=["3", 0], latent=["13", 0], sampler_name="euler", scheduler="simple", steps=8, cfg=1.0,
+                   guidance=1.0, seed=7, strengths="0, 1", every=50),
+        "15": node("SaveImage", "Save validation previews", images=["8", 2],
+                   filename_prefix="lycoris-demo/validation"),
     }
     notes = [
         {"id": 20, "column": -1, "title": "About this workflow", "size": [360, 330], "text": (
@@ -112,10 +120,11 @@ def flux2_lokr_train() -> dict:
     ]
     groups = [
         {"title": "Model and data (dev stand-ins)", "nodes": ["1", "2", "3"]},
-        {"title": "Train", "nodes": ["4", "5", "6", "7", "8"]},
-        {"title": "Look at it", "nodes": ["9", "10", "11", "12"]},
+        {"title": "Train", "nodes": ["4", "5", "6", "7", "8", "13", "14"]},
+        {"title": "Look at it", "nodes": ["9", "10", "11", "12", "15"]},
     ]
-    columns = {"1": 0, "2": 0, "3": 0, "4": 1, "5": 1, "6": 1, "7": 2, "8": 3, "9": 4, "10": 4, "11": 5, "12": 5}
+    columns = {"1": 0, "2": 0, "3": 0, "4": 1, "5": 1, "6": 1, "13": 1, "14": 1, "7": 2, "8": 3, "9": 4, "10": 4,
+               "15": 4, "11": 5, "12": 5}
     return {"prompt": graph, "notes": notes, "groups": groups, "columns": columns}
 
 
