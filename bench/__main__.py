@@ -20,7 +20,7 @@ from .env import REPO, WORK, setup
 
 # Case name -> whether it needs the LyCORIS adapter files (the training cases build their own models).
 CASES = {"bypass_forward": True, "strength_change": True, "sweep": True, "memory": True, "training": False,
-         "memory_estimate": False, "variants": True}
+         "memory_estimate": False, "real_width": False, "variants": True}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -58,6 +58,9 @@ def case_functions() -> dict[str, Callable]:
                    if callable(getattr(memory_estimate, n, None))), None)
         if fn is not None:
             found["memory_estimate"] = fn
+    from . import real_width  # issue 16: rows at real layer width (a 545 M Flux 1), `--only real_width`
+
+    found["real_width"] = real_width.real_width
     return found
 
 

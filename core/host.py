@@ -59,7 +59,9 @@ def tiny_conditioning(model: Any, text: str, tokens: int) -> list:
     family = model_family(model)
     cfg = model_unet_config(model)
     dim = cfg["context_dim"] if family == "sdxl" else cfg["context_in_dim"]
-    cond, pooled = text_embedding(text, tokens, dim, TINY_POOLED_DIM[family])
+    # A loaded Flux 1 file has CLIP's 768-wide pooled input (vector_in), not the tiny recipe's 32.
+    pooled_dim = int(cfg.get("vec_in_dim") or TINY_POOLED_DIM[family]) if family == "flux1" else TINY_POOLED_DIM[family]
+    cond, pooled = text_embedding(text, tokens, dim, pooled_dim)
     return [[cond, {"pooled_output": pooled}]]
 
 
