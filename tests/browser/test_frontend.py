@@ -250,11 +250,12 @@ def test_mask_widget_redraws_from_the_server_when_alpha_changes(ui, comfy_server
     ui.shot(".lycoris-mask-canvas", "mask_compare.png")
 
 
-def test_apply_strength_is_a_slider(ui):
+def test_apply_strength_is_a_number_widget(ui):
+    """As core's LoRA loader: a number widget (a slider over -10..10 made 0..1.5 about 20 pixels)."""
     node = _add_node(ui, "LycorisApply", 480, 160)
     widget = ui.js("const w = app.graph.getNodeById(arg).widgets.find((w) => w.name === 'strength');"
                    "return {type: w.type, min: w.options.min, max: w.options.max};", node)
-    assert widget == {"type": "slider", "min": -10, "max": 10}
+    assert widget == {"type": "number", "min": -10, "max": 10}
     ui.page.wait_for_timeout(100)
     ui.page.screenshot(path=str(SHOTS / "canvas.png"))
 

@@ -211,12 +211,12 @@ def test_export_refuses_a_job_folder_through_a_symlink(server, outside, name):
         refused(server, export_graph(name), "output_name: ", "resolves outside output/lycoris_jobs")
 
 
-# -- Train LyCORIS: output_name (JobSpec refuses it when the node submits) --
+# -- Train LyCORIS: output_name (refused when the prompt is queued, before any node runs) --
 
 @pytest.mark.parametrize("name", BAD_NAMES, ids=IDS)
 def test_train_refuses_bad_output_names(server, outside, name):
     with nothing_written(server, outside):
-        refused(server, train_prompt(steps=2, output_name=name), "Train LyCORIS: output_name: ")
+        refused(server, train_prompt(steps=2, output_name=name), "(LycorisTrain)", "output_name: ")
     assert not any(j["name"] == name for j in server.get("/lycoris/jobs")["jobs"]), "no job was submitted"
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from comfyui_lycoris.core import host
 from comfyui_lycoris.core.tiny import TinySizes, pattern_latents
-from comfyui_lycoris.trainer.checkpoint import list_checkpoints, load_checkpoint
+from comfyui_lycoris.trainer.checkpoint import list_checkpoints
 from comfyui_lycoris.trainer.data import from_latent_batch
 from comfyui_lycoris.trainer.job_folders import newest_folder, reserve_folder
 from comfyui_lycoris.trainer.jobs import RECORD, JobQueue, jobs_on_disk
@@ -106,26 +106,34 @@ def test_a_complete_run_rerun_changes_nothing(setup, tmp_path):
     assert digest(tmp_path) == before
 
 
-def test_multiplier_scales_the_trained_output(setup, tmp_path):
-    """LyCORIS trains base + multiplier * delta: at multiplier 0 the adapter gets no gradient at all.
-
-    LoKr starts with w2 = 0; any gradient moves it. The file records the multiplier.
-    """
+def test_multiplier_scales_the_trained_output(setup, tmp_path, monkeypatch):
+    """LyCORIS trains base + multiplier * delta: the loop's model call runs the adapter at the config's
+    multiplier, the run differs from multiplier 1, and the file records it."""
     from safetensors import safe_open
+
+    import comfyui_lycoris.trainer.loop as loop
 
     model, data = setup
     config = json.loads((CONFIGS / "flux2_lokr.json").read_text())
-    w2 = {}
-    for m in (0, 1):
+    used, losses = [], {}
+
+    class Recording(loop.ComfyPredictor):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            used.append(self.strength)
+
+    monkeypatch.setattr(loop, "ComfyPredictor", Recording)
+    for m in (1, 3):
         folders = Folders(tmp_path / f"m{m}", tmp_path / "loras")
-        job = submit(JobQueue(), model, data, folders, spec(json.dumps({**config, "multiplier": m}), steps=2,
+        job = submit(JobQueue(), model, data, folders, spec(json.dumps({**config, "multiplier": m}), steps=3,
                                                             output_name=f"m{m}"))
         assert job.state == "done", job.message
-        adapter = load_checkpoint(list_checkpoints(folders.checkpoints)[-1][1]).adapter
-        w2[m] = max(float(v.abs().max()) for k, v in adapter.items() if k.endswith("lokr_w2"))
+        losses[m] = [loss for _, loss in job.losses]
         with safe_open(str(sorted((tmp_path / "loras").glob(f"m{m}*.safetensors"))[0]), "pt") as fh:
             assert float(fh.metadata()["lycoris_pack.multiplier"]) == m
-    assert w2[0] == 0.0 and w2[1] > 1e-4, w2
+    assert used == [1.0, 3.0]
+    assert losses[1][0] == losses[3][0], "step 1 starts from ΔW = 0 either way"
+    assert losses[1][1:] != losses[3][1:], "then the multiplier changes what was learned"
 
 
 def test_an_ended_job_releases_its_model_and_data(tmp_path):
