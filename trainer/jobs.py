@@ -157,17 +157,23 @@ class JobControl:
                 self.job.step = int(match.group(1))
 
 
+_RECORD_LOCK = threading.Lock()  # the submitting thread and the worker both write records
+
+
 def _write_record(job: Job) -> None:
-    """`lycoris-job.json` in the job's folder, atomically; a failure is logged, never fatal."""
+    """`lycoris-job.json` in the job's folder, atomically (a private temp file, then rename, one writer at
+    a time); a failure is logged, never fatal."""
     if job.folder is None or not job.folder.is_dir():
         return
     target = job.folder / RECORD
-    temp = target.with_name(f".{RECORD}.tmp")
-    try:
-        temp.write_text(json.dumps(job.record(), indent=1))
-        os.replace(temp, target)
-    except OSError as err:
-        log.warning("LyCORIS job %s: could not write %s: %s", job.id, target, err)
+    temp = target.with_name(f".{RECORD}.{uuid.uuid4().hex[:8]}.tmp")
+    with _RECORD_LOCK:
+        try:
+            temp.write_text(json.dumps(job.record(), indent=1))
+            os.replace(temp, target)
+        except OSError as err:
+            log.warning("LyCORIS job %s: could not write %s: %s", job.id, target, err)
+            temp.unlink(missing_ok=True)
 
 
 def jobs_on_disk(root: Path, limit: int = 200, depth: int = 4) -> list[Job]:

@@ -182,3 +182,27 @@ def test_reserved_folders_are_never_shared(tmp_path):
     with pytest.raises(ValueError, match="output_name"):
         reserve_folder(root, "/srv/elsewhere/x")
     assert list(outside.iterdir()) == []
+
+
+def test_job_records_survive_concurrent_writers(tmp_path):
+    """The submitting thread and the worker write a job's record at the same moments: never torn."""
+    import threading
+
+    from comfyui_lycoris.trainer.jobs import Job, _write_record
+
+    folder = tmp_path / "job"
+    folder.mkdir()
+    job = Job("0123456789ab", "x", spec(), None, folder)
+
+    def hammer(state: str) -> None:
+        for i in range(200):
+            job.state, job.message = state, state * (i % 7)
+            _write_record(job)
+
+    threads = [threading.Thread(target=hammer, args=(s,)) for s in ("queued", "running", "done")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert json.loads((folder / RECORD).read_text())["id"] == job.id
+    assert [p.name for p in folder.iterdir()] == [RECORD], "no temp file left behind"
