@@ -1,13 +1,7 @@
 """Tiny Latent Preview: a LATENT as an IMAGE without a VAE (tiny models have none).
 
-The projection is fixed and documented, so pictures are comparable across runs and machines:
-the C latent channels are mapped to RGB by the 3 orthonormal columns of the QR factor of a
-C x 3 standard normal matrix drawn from `torch.Generator().manual_seed(0)` in float64 (the
-first 3 principal directions of that seeded projection); each RGB value is then mapped to
-0..1 by `0.5 + v / (2 * value_range)`, clamped, where v is the projected value itself ("fixed"),
-or its distance from the mean in standard deviations over the whole batch ("batch": images
-of one batch, e.g. an A/B sweep, share one scale) or over each image ("image"). Finally each
-latent cell becomes `scale` x `scale` pixels (bilinear or nearest).
+The projection is fixed and documented in `core/latent_preview.py`, so pictures are comparable
+across runs and machines (the trainer's validation previews use the same one).
 """
 
 from __future__ import annotations
