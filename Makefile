@@ -14,8 +14,14 @@ setup:
 lint: setup
 	$(PY) -m ruff check .
 
+# The browser tests run a second time against the newest comfyui-frontend-package on the registry (set up in
+# .cache/ by scripts/setup.sh, served by the same pinned backend); LYCORIS_NEWEST_FRONTEND=0 skips that pass.
 test: setup lint
 	$(PYTEST) tests
+	@if [ -s .cache/newest-frontend-root ]; then \
+	  echo "browser tests against frontend $$(basename $$(dirname $$(dirname $$(cat .cache/newest-frontend-root))))"; \
+	  COMFYUI_FRONTEND_ROOT="$$(cat .cache/newest-frontend-root)" $(PYTEST) tests/browser; \
+	fi
 
 unit: setup
 	$(PYTEST) -m "not integration" tests

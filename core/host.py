@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from .families import profile_for
-from .tiny import TINY_POOLED_DIM, TinySizes, seed_parameters, text_embedding, unet_config
+from .tiny import TINY_POOLED_DIM, TinySizes, fit_flux_params, seed_parameters, text_embedding, unet_config
 
 _SUPPORTED_CLASS = {"flux2": "Flux2", "flux1": "Flux", "sdxl": "SDXL"}
 
@@ -21,6 +21,16 @@ def comfyui_version() -> str:
     import comfyui_version  # ComfyUI's root module
 
     return comfyui_version.__version__
+
+
+def flux_param_fields() -> dict[str, bool]:
+    """The installed ComfyUI's `FluxParams` fields -> required (no default): what a Flux config must give."""
+    import dataclasses
+
+    from comfy.ldm.flux.model import FluxParams
+
+    return {f.name: f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            for f in dataclasses.fields(FluxParams)}
 
 
 def build_tiny_model(sizes: TinySizes, dtype: torch.dtype = torch.float32,
@@ -34,7 +44,8 @@ def build_tiny_model(sizes: TinySizes, dtype: torch.dtype = torch.float32,
     import comfy.model_patcher
     import comfy.supported_models
 
-    config = getattr(comfy.supported_models, _SUPPORTED_CLASS[sizes.family])(unet_config(sizes))
+    config = getattr(comfy.supported_models, _SUPPORTED_CLASS[sizes.family])(
+        fit_flux_params(unet_config(sizes), sizes.family, flux_param_fields()))
     config.set_inference_dtype(dtype, compute_dtype)
     model = config.get_model({})
     seed_parameters(model.diffusion_model, sizes.seed)

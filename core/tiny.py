@@ -79,6 +79,30 @@ def unet_config(sizes: TinySizes) -> dict:
         )
 
 
+# What a newer ComfyUI's `FluxParams` requires that 0.3.75's does not take (v0.33: `txt_ids_dims`,
+# the position-id axes the text tokens use: [3] for Flux 2, none for Flux 1).
+FLUX_PARAM_EXTRAS = {"flux2": {"txt_ids_dims": [3]}, "flux1": {"txt_ids_dims": []}}
+
+
+def fit_flux_params(config: dict, family: str, fields: dict[str, bool]) -> dict:
+    """`config` completed for the installed ComfyUI's `FluxParams`, read from its dataclass fields.
+
+    `fields` maps each field name to whether it is required (no default). Extras (FLUX_PARAM_EXTRAS)
+    are added only where that ComfyUI has the field, so one recipe builds on 0.3.75 and on v0.33;
+    a required field this recipe cannot fill raises TinyModelError naming it.
+    """
+    if family not in FLUX_PARAM_EXTRAS:
+        return dict(config)
+    out = dict(config)
+    for name, value in FLUX_PARAM_EXTRAS[family].items():
+        if name in fields and name not in out:
+            out[name] = list(value)
+    missing = [name for name, required in fields.items() if required and name not in out]
+    _check(not missing, f"family: this ComfyUI's FluxParams needs {', '.join(missing)}, which the tiny "
+                        f"{family} recipe does not know")
+    return out
+
+
 def _sdxl_config(sizes: TinySizes) -> dict:
     """SDXL's block layout (3 levels, attention on levels 2 and 3), with small widths."""
     # Group norms need multiples of 32; attention levels (2x, 4x width) then hold whole 64-channel heads.

@@ -91,7 +91,22 @@ class TLoraMaskVisualizer(io.ComfyNode):
             plot = render_mask_plot(rank, min_rank, alphas, schedule, width, height)
         except ValueError as err:
             raise ValueError(f"T-LoRA Mask Visualizer: {err}") from None
-        return io.NodeOutput(plot.image, plot.table, ui=ui.PreviewImage(plot.image, cls=cls))
+        # lycoris_mask: what ran, so the node's live plot shows the same values and marks these steps
+        ran = {"rank": rank, "min_rank": min_rank, "alpha": alpha, "from_config": config is not None,
+               "timesteps": list(schedule.timesteps) if schedule else [], "scheduler": scheduler, "steps": steps,
+               "denoise": denoise}
+        return io.NodeOutput(plot.image, plot.table, ui=_MaskPreview(plot.image, ran, cls))
+
+
+class _MaskPreview(ui.PreviewImage):
+    """The heatmap shown on the node, plus `lycoris_mask`: what ran, for the node's live plot (web/)."""
+
+    def __init__(self, image, ran: dict, cls):
+        super().__init__(image, cls=cls)
+        self.ran = ran
+
+    def as_dict(self) -> dict:
+        return {**super().as_dict(), "lycoris_mask": [self.ran]}
 
 
 NODES = [TLoraMaskVisualizer]

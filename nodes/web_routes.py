@@ -4,6 +4,9 @@
 `{"rank", "min_rank", "alphas", "timesteps", "curves": {"1.0": [r(t), ...], "0.5": [...]}}` with
 r(t) from `core.tlora.active_ranks`, the pack's one copy of the schedule; bad parameters answer
 HTTP 400 `{"error": "<field>: <message>"}`. ComfyUI also serves every route under `/api`.
+With `preset=<name>[&config_json=<overrides or custom JSON>]` (a connected LyCORIS Config node's
+widgets) rank, min_rank and alpha come from that config, as the node uses them when it runs, and
+the answer says so (`"from_config": true`).
 
 Routes are registered when this module is imported inside a running ComfyUI (PromptServer exists
 before custom nodes load). Imported anywhere else (unit tests) it registers nothing.
@@ -41,11 +44,36 @@ def _alphas(alpha: float, text: str) -> list[float]:
         raise ValueError(f"alphas: {str(err).split(': ', 1)[-1]}") from None
 
 
+def config_params(preset: str, config_json: str) -> tuple[int, int, float]:
+    """rank, min_rank, alpha of what a LyCORIS Config node with these widgets outputs; ValueError naming the field."""
+    from ..core.config import ConfigError, load_json, parse_config
+    from .config_nodes import CONFIG_DIR, CUSTOM, preset_names
+    from .tlora_visualizer import _config_params
+
+    try:
+        if preset == CUSTOM:
+            if not config_json.strip():
+                raise ConfigError("config_json: empty; paste a config or pick a preset")
+            config = parse_config(config_json)
+        else:
+            if preset not in preset_names():
+                raise ConfigError(f"preset: '{preset}' is not in configs/ ({', '.join(preset_names())})")
+            overrides = load_json(config_json) if config_json.strip() else None
+            config = parse_config((CONFIG_DIR / f"{preset}.json").read_text(), overrides)
+    except ConfigError as err:
+        raise ValueError(f"config: {err}") from None
+    return _config_params(config)
+
+
 def mask_curves(query: Mapping[str, str]) -> dict:
     """The answer of the mask route for its query parameters; ValueError naming the field."""
-    rank = _number(query, "rank", int)
-    min_rank = _number(query, "min_rank", int)
-    alpha = _number(query, "alpha", float)
+    from_config = "preset" in query
+    if from_config:
+        rank, min_rank, alpha = config_params(query["preset"], query.get("config_json", ""))
+    else:
+        rank = _number(query, "rank", int)
+        min_rank = _number(query, "min_rank", int)
+        alpha = _number(query, "alpha", float)
     step = _number(query, "step", int, DEFAULT_STEP)
     if not 1 <= step <= T_MAX:
         raise ValueError(f"step: must be between 1 and {T_MAX}, got {step}")
@@ -59,6 +87,7 @@ def mask_curves(query: Mapping[str, str]) -> dict:
         "alphas": alphas,
         "timesteps": timesteps,
         "curves": {repr(a): active_ranks(timesteps, rank, min_rank, a).tolist() for a in alphas},
+        "from_config": from_config,
     }
 
 

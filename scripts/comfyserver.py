@@ -3,6 +3,7 @@
 The server runs with `--base-directory` in a temporary folder (its own models/, input/,
 output/, custom_nodes/ with a link to this pack), so the ComfyUI under test is never modified.
 It is stopped in every case: fixture teardown, an `atexit` hook, and its own process group.
+`COMFYUI_FRONTEND_ROOT` makes it serve another frontend build (see FRONTEND_ROOT).
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from comfyenv import REPO, comfy_root
 
 PACK_LINK = "comfyui-lycoris"
 ARTIFACTS = REPO / "test-artifacts"
+# COMFYUI_FRONTEND_ROOT=<folder with index.html>: the server serves that frontend (ComfyUI's --front-end-root),
+# e.g. the newest comfyui-frontend-package that scripts/setup.sh unpacks into .cache/.
+FRONTEND_ROOT = os.environ.get("COMFYUI_FRONTEND_ROOT", "")
 
 
 class PromptError(RuntimeError):
@@ -63,6 +67,8 @@ class ComfyServer:
             "--base-directory", str(self.base), "--disable-all-custom-nodes",
             "--whitelist-custom-nodes", PACK_LINK, "--database-url", "sqlite:///:memory:",
         ]
+        if FRONTEND_ROOT:  # another frontend than the installed package's (make test's second browser pass)
+            cmd += ["--front-end-root", FRONTEND_ROOT]
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=comfy_root(), stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)

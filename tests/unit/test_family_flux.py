@@ -22,7 +22,7 @@ from comfyui_lycoris.core.families._flux_common import mlp_hidden
 from comfyui_lycoris.core.families.base import Route
 from comfyui_lycoris.core.families.flux1 import PROFILE as FLUX1
 from comfyui_lycoris.core.families.flux2 import PROFILE as FLUX2
-from comfyui_lycoris.core.tiny import TinySizes, unet_config
+from comfyui_lycoris.core.tiny import TinySizes, fit_flux_params, unet_config
 
 PROFILES = {"flux1": FLUX1, "flux2": FLUX2}
 FAMILIES = tuple(PROFILES)
@@ -62,6 +62,8 @@ def comfy_meta_model(cfg: dict) -> torch.nn.Module:
     import comfy.ldm.flux.model
     import comfy.ops
 
+    family = "flux2" if cfg.get("image_model") == "flux2" else "flux1"
+    cfg = fit_flux_params(cfg, family, host.flux_param_fields())  # what this ComfyUI's FluxParams requires
     with torch.device("meta"):
         return comfy.ldm.flux.model.Flux(**cfg, dtype=torch.float32, operations=comfy.ops.disable_weight_init)
 

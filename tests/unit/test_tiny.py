@@ -57,3 +57,17 @@ def test_tiny_model_is_real_and_seeded(family):
     assert torch.isfinite(out1).all()
     assert torch.equal(out1, _denoise_once(m2, family, 0)), "same seed, same model"
     assert not torch.allclose(out1, _denoise_once(m3, family, 0)), "another seed, another model"
+
+
+def test_flux_configs_fit_the_installed_flux_params():
+    """v0.33's FluxParams requires txt_ids_dims ([3] Flux 2, [] Flux 1); 0.3.75's has no such field."""
+    from comfyui_lycoris.core.tiny import fit_flux_params
+
+    config = unet_config(TinySizes())
+    assert fit_flux_params(config, "flux2", {"hidden_size": True}) == config
+    assert fit_flux_params(config, "flux2", {"txt_ids_dims": True})["txt_ids_dims"] == [3]
+    assert fit_flux_params(unet_config(TinySizes(family="flux1", width=64, heads=2)), "flux1",
+                           {"txt_ids_dims": True})["txt_ids_dims"] == []
+    with pytest.raises(TinyModelError, match="new_field"):
+        fit_flux_params(config, "flux2", {"new_field": True})
+    assert fit_flux_params({"a": 1}, "sdxl", {"new_field": True}) == {"a": 1}

@@ -81,3 +81,12 @@ export function paragraph(ctx, text, x, y, width, colour) {
   }
   if (line) label(ctx, line, x, y, colour);
 }
+
+/** Adds a <style> element once per id (the pack's widgets style their controls with classes). */
+export function installStyles(id, css) {
+  if (document.getElementById(id)) return;
+  const style = document.createElement("style");
+  style.id = id;
+  style.textContent = css;
+  document.head.append(style);
+}

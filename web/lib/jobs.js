@@ -1,9 +1,15 @@
 // Training jobs: one store fed by the websocket events, and the widget of the Train / Job nodes
-// (loss chart, step, it/s, ETA, state, Cancel). The node learns its job id from onExecuted.
+// (loss chart, step, it/s, ETA, state, and one action: Cancel while the job runs, Load once it wrote
+// its adapter, Resume once it stopped early).
 //   lycoris.job.progress {job_id, step, steps, loss, lr, its, eta_s, state}
 //   lycoris.job.state    {job_id, state, message}
+// Which job a node shows: a Train node learns it from its own run's `ui.job_id`, and hands it at once to
+// the LyCORIS Job nodes wired to it, so they follow the job from the moment the prompt submits it (not
+// when the job ends). When the Train node starts executing again, both reset ("submitting…").
 import { api } from "../../../scripts/api.js";
-import { C, chain, FrameCanvas, label } from "./common.js";
+import { app } from "../../../scripts/app.js";
+import { C, chain, FrameCanvas, installStyles, label } from "./common.js";
+import { adapterFile, refreshAdapterLists } from "./files.js";
 
 export const JOB_NODES = new Set(["LycorisTrain", "LycorisJob"]);
 export const JOBS_ROUTE = "/lycoris/jobs";
@@ -11,13 +17,18 @@ const EVENT_PROGRESS = "lycoris.job.progress";
 const EVENT_STATE = "lycoris.job.state";
 const LOSS_SMOOTHING = 0.9; // EMA factor of the smoothed loss line (bias-corrected)
 const MAX_LOSS_POINTS = 4000; // older points are thinned to every other one past this
-// The trainer's states: queued, running, waiting (for a prompt to finish), then done / stopped / failed / cancelled.
-const FINISHED = new Set(["done", "stopped", "failed", "cancelled", "finished", "error", "canceled"]);
+// The trainer's states: queued, running, waiting (for a prompt to finish), then done / stopped / failed /
+// cancelled (interrupted: found on disk after a restart that stopped it).
+const FINISHED = new Set(["done", "stopped", "failed", "cancelled", "interrupted", "finished", "error", "canceled"]);
+const SUCCEEDED = new Set(["done", "finished"]);
 const STATE_COLOURS = { running: "#4aa3ff", queued: "#c8c8c8", waiting: "#e0b050", done: "#6fd36f",
-  stopped: "#ff9e5e", failed: "#ff6e6e", cancelled: "#a0a0a0", finished: "#6fd36f", error: "#ff6e6e", canceled: "#a0a0a0" };
+  stopped: "#ff9e5e", failed: "#ff6e6e", cancelled: "#a0a0a0", interrupted: "#ff9e5e", finished: "#6fd36f",
+  error: "#ff6e6e", canceled: "#a0a0a0" };
+export const CONTINUES = "training continues: cancel it here or in LyCORIS jobs";
 
 export const jobs = new Map(); // id -> {id, name, state, step, steps, loss, lr, its, eta_s, message, losses}
 const jobListeners = new Set();
+const views = new Set(); // the job widgets on nodes
 
 export function jobRecord(id) {
   const key = String(id);
@@ -50,10 +61,16 @@ function onState(event) {
   const d = event.detail;
   if (d?.job_id == null) return;
   const job = jobRecord(d.job_id);
+  const was = job.state;
   if (d.state != null) job.state = d.state;
   job.message = d.message ?? "";
   if (FINISHED.has(job.state)) job.cancelling = false;
   notifyJob(job.id);
+  // A job that ends has written its adapter (done) or its last checkpoint: the file lists learn it now.
+  if (FINISHED.has(job.state) && !FINISHED.has(was)) {
+    refreshAdapterLists().then(() => notifyJob(job.id));
+    if (!job.output_name) loadJob(job.id);
+  }
 }
 
 /** Fills a job from GET /lycoris/jobs/<id> (summary and loss history), e.g. for a node that learns its
@@ -91,6 +108,7 @@ export async function cancelJob(id) {
   notifyJob(job.id);
 }
 
+export const isFinished = (job) => !!job && FINISHED.has(job.state);
 export const canCancel = (job) => !!job && !job.cancelling && !FINISHED.has(job.state);
 
 function formatEta(seconds) {
@@ -122,13 +140,13 @@ function smoothed(values, beta) {
   return values.map((v, i) => { avg = beta * avg + (1 - beta) * v; return avg / (1 - beta ** (i + 1)); });
 }
 
-function paintLoss(ctx, w, h, job) {
+function paintLoss(ctx, w, h, job, waiting) {
   ctx.fillStyle = C.bg;
   ctx.fillRect(0, 0, w, h);
   ctx.font = "10px sans-serif";
   const points = job?.losses ?? [];
   if (points.length < 2) {
-    label(ctx, job ? "waiting for loss values…" : "no job", w / 2, h / 2, C.frame, "center", "middle");
+    label(ctx, job ? "waiting for loss values…" : waiting || "no job", w / 2, h / 2, C.frame, "center", "middle");
     return;
   }
   const pad = { l: 44, r: 6, t: 6, b: 14 };
@@ -162,46 +180,168 @@ export function stateColour(job) {
   return job?.error ? C.error : STATE_COLOURS[job?.state] ?? "";
 }
 
+const STYLES = `
+.lycoris-action { padding: 2px 10px; border-radius: 4px; font: 12px sans-serif; white-space: nowrap;
+  border: 1px solid var(--border-color, #555); background: var(--comfy-input-bg, #222);
+  color: var(--input-text, #ddd); cursor: pointer; flex: 0 0 auto; }
+.lycoris-action:hover:not(:disabled) { border-color: var(--fg-color, #bbb); }
+.lycoris-action:disabled { opacity: 0.4; cursor: not-allowed; border-style: dashed; }
+.lycoris-job-status { white-space: normal; overflow-wrap: anywhere; word-break: break-word; line-height: 15px;
+  max-height: 60px; overflow-y: auto; flex: 1; min-width: 0; }
+`;
+
 export function button(text, onClick) {
+  installStyles("lycoris-job-styles", STYLES);
   const el = document.createElement("button");
+  el.type = "button";
   el.textContent = text;
-  el.className = "lycoris-cancel";
-  Object.assign(el.style, { padding: "2px 10px", cursor: "pointer", borderRadius: "4px",
-    border: "1px solid var(--border-color, #555)", background: "var(--comfy-input-bg, #222)",
-    color: "var(--input-text, #ddd)", font: "12px sans-serif" });
-  el.addEventListener("click", onClick);
+  el.className = "lycoris-action";
+  el.addEventListener("click", (event) => { event.stopPropagation(); if (!el.disabled) onClick(event); });
   return el;
 }
 
-/** Loss chart, status line and Cancel on a Train / Job node; the job id comes from onExecuted. */
+// ---------------------------------------------------------------- what a finished job offers
+
+/** The graphs to search for nodes: the root graph and its subgraphs (frontends that have them). */
+export function allGraphs() {
+  const root = app.rootGraph ?? app.graph;
+  const graphs = root ? [root] : [];
+  for (const sub of root?.subgraphs?.values?.() ?? []) graphs.push(sub);
+  if (app.canvas?.graph && !graphs.includes(app.canvas.graph)) graphs.push(app.canvas.graph);
+  return graphs;
+}
+
+function widgetOf(node, name) {
+  return node?.widgets?.find((w) => w.name === name);
+}
+
+function setWidget(node, name, value) {
+  const widget = widgetOf(node, name);
+  if (!widget) return false;
+  widget.value = value;
+  widget.callback?.(value, app.canvas, node, [0, 0], undefined);
+  node.setDirtyCanvas?.(true, true);
+  return true;
+}
+
+/** The Train LyCORIS nodes that continue `job` when resumed: the one wired to `node`, or those of its name. */
+function trainNodesFor(job, node) {
+  if (node?.type === "LycorisTrain") return [node];
+  if (node?.type === "LycorisJob") {
+    const upstream = node.getInputNode?.(node.findInputSlot?.("job") ?? 0);
+    if (upstream?.type === "LycorisTrain") return [upstream];
+  }
+  const name = job.output_name || job.name;
+  return allGraphs().flatMap((g) => g.nodes ?? [])
+    .filter((n) => n.type === "LycorisTrain" && widgetOf(n, "output_name")?.value === name);
+}
+
+async function openInLoadNode(file, near) {
+  const { LiteGraph } = window;
+  const graph = near?.graph ?? app.canvas?.graph ?? app.graph;
+  const load = LiteGraph?.createNode("LycorisLoad");
+  if (!load || !graph) return;
+  const [x, y] = near ? [near.pos[0] + near.size[0] + 40, near.pos[1]]
+    : app.canvas?.ds ? [-app.canvas.ds.offset[0] + 80, -app.canvas.ds.offset[1] + 80] : [80, 80];
+  load.pos = [x, y];
+  graph.add(load);
+  await refreshAdapterLists();
+  setWidget(load, "lora_name", file);
+  app.canvas?.selectNode?.(load);
+  graph.setDirtyCanvas?.(true, true);
+}
+
+/** The one action a job offers now: {label, title, enabled, run}. */
+export function jobAction(job, node, view) {
+  if (!job) return { label: "Cancel", title: "no job yet: run the node", enabled: false };
+  if (!FINISHED.has(job.state)) {
+    return { label: job.cancelling ? "Cancelling…" : "Cancel", enabled: canCancel(job),
+      title: job.cancelling ? "the job saves a checkpoint, then stops" : "stop the job (it keeps a checkpoint)",
+      run: () => cancelJob(job.id) };
+  }
+  if (SUCCEEDED.has(job.state)) {
+    const file = adapterFile(job);
+    return { label: "Load", enabled: !!file, title: file ? `add a Load LyCORIS node with ${file}` : "no adapter file known",
+      run: () => openInLoadNode(file, node) };
+  }
+  const trains = trainNodesFor(job, node);
+  const name = job.output_name || job.name;
+  return { label: "Resume", enabled: trains.length > 0,
+    title: trains.length ? `turn resume on in Train LyCORIS ('${name}'), then queue: it continues from the latest checkpoint`
+      : `queue Train LyCORIS with output_name '${name}' and resume on to continue from the latest checkpoint`,
+    run: () => {
+      for (const train of trains) {
+        setWidget(train, "output_name", name);
+        setWidget(train, "resume", true);
+      }
+      if (view) view.note = `resume on: queue the prompt to continue '${name}' from its latest checkpoint`;
+      notifyJob(job.id);
+    } };
+}
+
+export function applyAction(el, action) {
+  el.textContent = action.label;
+  el.title = action.title ?? "";
+  el.disabled = !action.enabled;
+  el.dataset.action = action.label.toLowerCase().replace(/…$/, "");
+  el.onclick = null;
+  el._lycorisRun = action.run;
+}
+
+// ---------------------------------------------------------------- the widget on Train / Job nodes
+
+/** Loss chart, status line and the job's action on a Train / Job node. */
 export function addJobWidget(node) {
-  const view = { jobId: node.properties?.lycoris_job_id ?? null };
-  const frame = new FrameCanvas((ctx, w, h) => paintLoss(ctx, w, h, jobs.get(view.jobId)), "lycoris-loss-canvas");
+  const view = { node, jobId: node.properties?.lycoris_job_id ?? null, pending: "", note: "" };
+  const frame = new FrameCanvas((ctx, w, h) => paintLoss(ctx, w, h, jobs.get(view.jobId), view.pending),
+    "lycoris-loss-canvas");
   const root = document.createElement("div");
   root.className = "lycoris-job";
   Object.assign(root.style, { display: "flex", flexDirection: "column", gap: "4px", font: "12px sans-serif",
-    color: "var(--fg-color, #ddd)" });
+    color: "var(--fg-color, #ddd)", height: "100%" });
   const chart = document.createElement("div");
-  Object.assign(chart.style, { flex: "1 1 auto", minHeight: "0" });
+  Object.assign(chart.style, { flex: "1 1 auto", minHeight: "40px" });
   chart.append(frame.canvas);
   const bar = document.createElement("div");
-  Object.assign(bar.style, { display: "flex", alignItems: "center", gap: "6px", flex: "0 0 auto" });
+  Object.assign(bar.style, { display: "flex", alignItems: "flex-start", gap: "6px", flex: "0 0 auto" });
   const status = document.createElement("span");
   status.className = "lycoris-job-status";
-  Object.assign(status.style, { flex: "1", minWidth: "0", height: "30px", overflow: "hidden", lineHeight: "15px" });
-  const cancel = button("Cancel", () => cancelJob(view.jobId));
-  bar.append(status, cancel);
+  const action = button("Cancel", () => action._lycorisRun?.());
+  bar.append(status, action);
   root.append(chart, bar);
 
-  function update() {
-    const job = jobs.get(view.jobId);
-    const text = view.jobId && !job ? `job ${view.jobId}: no events since the page loaded` : jobSummary(job);
-    status.textContent = status.title = text;
-    status.style.color = stateColour(job);
-    cancel.disabled = !canCancel(job);
+  view.update = () => {
+    const job = view.jobId ? jobs.get(view.jobId) : null;
+    let text = view.pending && !view.jobId ? view.pending
+      : view.jobId && !job ? `job ${view.jobId}: no events since the page loaded` : jobSummary(job);
+    if (view.note && !(view.note === CONTINUES && isFinished(job))) text = `${view.note} · ${text}`;
+    status.textContent = status.title = text; // the title: the whole text on hover
+    status.style.color = view.note === CONTINUES && !isFinished(job) ? "#e0b050" : stateColour(job);
+    applyAction(action, jobAction(job, node, view));
     frame.request();
-  }
-  const unsubscribe = onJobsChanged((id) => { if (id === view.jobId) update(); });
+  };
+  view.follow = (id) => {
+    view.jobId = id == null ? null : String(id);
+    view.pending = "";
+    view.note = "";
+    node.properties ??= {};
+    node.properties.lycoris_job_id = view.jobId; // a saved workflow still knows its job
+    if (view.jobId) {
+      jobRecord(view.jobId);
+      loadJob(view.jobId);
+    }
+    view.update();
+  };
+  view.reset = (pending) => {
+    view.jobId = null;
+    view.pending = pending;
+    view.note = "";
+    view.update();
+  };
+  node.lycorisJobView = view;
+  views.add(view);
+
+  const unsubscribe = onJobsChanged((id) => { if (id === view.jobId) view.update(); });
   const widget = node.addDOMWidget("lycoris_job", "lycoris-job", root, {
     serialize: false,
     getMinHeight: () => 170,
@@ -212,21 +352,63 @@ export function addJobWidget(node) {
   chain(node, "onExecuted", (output) => {
     const id = output?.job_id?.[0];
     if (id == null) return;
-    view.jobId = String(id);
-    node.properties ??= {};
-    node.properties.lycoris_job_id = view.jobId; // a saved workflow still knows its job
-    jobRecord(view.jobId);
-    update();
-    loadJob(view.jobId);
+    view.follow(id);
+    if (node.type === "LycorisTrain") for (const target of downstreamJobNodes(node)) target.lycorisJobView.follow(id);
   });
   chain(node, "onConfigure", () => {
     view.jobId = node.properties?.lycoris_job_id ?? view.jobId;
-    update();
+    view.update();
     if (view.jobId) loadJob(view.jobId);
   });
-  chain(node, "onRemoved", () => { unsubscribe(); frame.dispose(); });
+  chain(node, "onRemoved", () => { unsubscribe(); views.delete(view); frame.dispose(); });
   node.setSize?.([Math.max(node.size[0], 340), node.computeSize()[1]]);
-  update();
+  view.update();
+}
+
+/** The LyCORIS Job nodes wired to a Train node's job output. */
+function downstreamJobNodes(node) {
+  const graph = node.graph;
+  const found = [];
+  for (const linkId of node.outputs?.[0]?.links ?? []) {
+    const link = graph?.links?.get?.(linkId) ?? graph?.links?.[linkId];
+    const target = link ? graph.getNodeById(link.target_id) : null;
+    if (target?.lycorisJobView) found.push(target);
+  }
+  return found;
+}
+
+/** The view of the node with this execution id (the root graph's node id; "a:b" ids are subgraph nodes). */
+function viewsOf(nodeId) {
+  const id = String(nodeId ?? "");
+  return [...views].filter((v) => String(v.node.id) === id || id.endsWith(`:${v.node.id}`));
+}
+
+function executingId(detail) {
+  return detail && typeof detail === "object" ? detail.display_node ?? detail.node : detail;
+}
+
+/** A Train node starts executing: it and its Job nodes drop the previous job and say what comes. */
+function onExecuting(event) {
+  for (const view of viewsOf(executingId(event.detail))) {
+    if (view.node.type !== "LycorisTrain") continue;
+    view.reset("submitting the job…");
+    for (const target of downstreamJobNodes(view.node)) target.lycorisJobView.reset("waiting for Train LyCORIS to submit its job…");
+  }
+}
+
+/** ComfyUI's own Cancel stops a Job node's wait, not the job: say so on the node. */
+function onInterrupted(event) {
+  for (const view of viewsOf(event.detail?.node_id)) {
+    const job = jobs.get(view.jobId);
+    if (view.node.type === "LycorisJob" && job && !isFinished(job)) {
+      view.note = CONTINUES;
+      view.update();
+    }
+  }
+}
+
+function onExecutionStart() {
+  for (const view of views) if (view.note) { view.note = ""; view.update(); }
 }
 
 /** Registered once for the page: the events feed the store that nodes and the tab subscribe to
@@ -234,4 +416,7 @@ export function addJobWidget(node) {
 export function listenForJobs() {
   api.addEventListener(EVENT_PROGRESS, onProgress);
   api.addEventListener(EVENT_STATE, onState);
+  api.addEventListener("executing", onExecuting);
+  api.addEventListener("execution_interrupted", onInterrupted);
+  api.addEventListener("execution_start", onExecutionStart);
 }

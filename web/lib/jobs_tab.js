@@ -1,7 +1,8 @@
-// The "LyCORIS jobs" sidebar tab: GET /lycoris/jobs merged with the jobs seen in events, each with
-// Cancel. A 404 (no trainer installed) is not an error: the list just says "no jobs".
+// The "LyCORIS jobs" sidebar tab: GET /lycoris/jobs merged with the jobs seen in events, each with the
+// action that fits it (Cancel while it runs, Load once done, Resume once stopped early). A 404 (no
+// trainer installed) is not an error: the list just says "no jobs".
 import { api } from "../../../scripts/api.js";
-import { button, cancelJob, canCancel, jobRecord, jobs, jobSummary, JOBS_ROUTE, onJobsChanged, stateColour } from "./jobs.js";
+import { applyAction, button, jobAction, jobRecord, jobs, jobSummary, JOBS_ROUTE, onJobsChanged, stateColour } from "./jobs.js";
 
 /** One row per job, updated in place (a row rebuilt under the pointer would swallow a click). */
 function jobRow(job) {
@@ -15,16 +16,18 @@ function jobRow(job) {
   const title = document.createElement("div");
   title.style.fontWeight = "600";
   const line = document.createElement("div");
-  const cancel = button("Cancel", () => cancelJob(job.id));
+  line.className = "lycoris-job-line";
+  Object.assign(line.style, { whiteSpace: "normal", overflowWrap: "anywhere" }); // the whole message, wrapped
+  const action = button("Cancel", () => action._lycorisRun?.());
   text.append(title, line);
-  row.append(text, cancel);
+  row.append(text, action);
   return {
     row,
     update() {
       title.textContent = job.name || job.id;
-      line.textContent = jobSummary(job);
+      line.textContent = line.title = jobSummary(job);
       line.style.color = stateColour(job);
-      cancel.disabled = !canCancel(job);
+      applyAction(action, jobAction(job, null, null));
     },
   };
 }

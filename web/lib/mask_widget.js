@@ -1,12 +1,18 @@
 // T-LoRA Mask Visualizer: a live plot of r(t) for the node's rank / min_rank / alpha / compare_alphas.
 // The numbers come from GET /lycoris/tlora/mask (core.tlora, the pack's one copy of the schedule);
-// this module only draws them.
+// this module only draws them. With a config connected the plot shows that config's values (asked of
+// the same route with the LyCORIS Config node's preset and JSON, or taken from the last run) and the
+// node's own rank / min_rank / alpha are disabled, as the run ignores them. The sampler's steps of the
+// last run with a model are marked, as on the executed image.
 import { api } from "../../../scripts/api.js";
 import { C, chain, FrameCanvas, label, paragraph } from "./common.js";
 
 export const MASK_NODE = "LycorisTLoraMaskVisualizer";
 const MASK_ROUTE = "/lycoris/tlora/mask";
 const MASK_WIDGETS = ["rank", "min_rank", "alpha", "compare_alphas"];
+const CONFIG_WIDGETS = ["rank", "min_rank", "alpha"]; // replaced by a connected config's values
+const SCHEDULE_WIDGETS = ["scheduler", "steps", "denoise"];
+const STEP_COLOUR = "rgb(240,60,60)"; // core/mask_plot.py STEP
 const FETCH_DELAY_MS = 150;
 const MASK_STEP = 5; // timestep spacing of the plotted columns
 
@@ -51,9 +57,25 @@ function paintMask(ctx, w, h, view) {
       label(ctx, String(data.min_rank), pad.l - 4, y(data.min_rank), C.text, "right", "middle");
     }
     label(ctx, "0", pad.l - 4, pad.t + ph, C.text, "right", "bottom");
-    for (const t of [0, T / 2, T]) {
-      label(ctx, t === 0 ? "t 0" : String(t), x(t), h - 3, C.text, t === 0 ? "left" : t === T ? "right" : "center");
+    const marks = view.marks?.timesteps ?? [];
+    if (marks.length) { // the sampler's steps, index on top (every few when crowded), as the executed image
+      ctx.strokeStyle = STEP_COLOUR;
+      ctx.lineWidth = 1;
+      ctx.setLineDash(view.marks.stale ? [3, 3] : []);
+      const every = Math.max(1, Math.ceil(marks.length / Math.max(1, pw / 18)));
+      marks.forEach((t, i) => {
+        const xt = Math.round(x(Math.min(Math.max(t, 0), T))) + 0.5;
+        ctx.beginPath();
+        ctx.moveTo(xt, pad.t);
+        ctx.lineTo(xt, pad.t + ph);
+        ctx.stroke();
+        if (i % every === 0) label(ctx, String(i), xt, pad.t - 1, STEP_COLOUR, "center", "bottom");
+      });
+      ctx.setLineDash([]);
     }
+    label(ctx, "t 0 (clean)", x(0), h - 3, C.text, "left");
+    label(ctx, String(T / 2), x(T / 2), h - 3, C.text, "center");
+    label(ctx, `${T} (noise)`, x(T), h - 3, C.text, "right");
     let lx = pad.l; // legend: one swatch per alpha, the first one lights the heatmap
     curves.forEach(([alpha], k) => {
       const text = `α ${Number(alpha)}${k === 0 ? " (lit)" : ""}`;
@@ -65,7 +87,10 @@ function paintMask(ctx, w, h, view) {
   } else if (!view.error) {
     label(ctx, "loading…", w / 2, h / 2, C.frame, "center", "middle");
   }
-  if (view.note) label(ctx, view.note, w - pad.r - 4, pad.t + 12, C.text, "right"); // over the unlit corner
+  if (view.note) { // over the unlit corner
+    const lines = view.note.split("\n");
+    lines.forEach((line, i) => label(ctx, line, w - pad.r - 4, pad.t + 12 + 12 * i, C.text, "right"));
+  }
   if (view.error) {
     ctx.fillStyle = "rgba(30,31,36,0.85)";
     ctx.fillRect(0, 0, w, h);
@@ -73,25 +98,81 @@ function paintMask(ctx, w, h, view) {
   }
 }
 
+/** The LyCORIS Config node feeding `node`'s config input (through reroutes), the input's link state. */
+function configSource(node) {
+  const slot = node.findInputSlot?.("config") ?? node.inputs?.findIndex((i) => i.name === "config");
+  const linked = slot != null && slot >= 0 && node.inputs?.[slot]?.link != null;
+  let source = linked ? node.getInputNode?.(slot) : null;
+  for (let hops = 0; source && source.type === "Reroute" && hops < 32; hops++) source = source.getInputNode?.(0);
+  return { linked, config: source?.type === "LycorisConfig" ? source : null };
+}
+
 /** The plot on a T-LoRA Mask Visualizer node: asks the server for r(t) whenever an input changes. */
 export function addMaskWidget(node) {
-  const view = { data: null, error: null, note: "", timer: 0, request: null };
+  const view = { data: null, error: null, note: "", timer: 0, request: null, key: "", ran: null, marks: null };
   const frame = new FrameCanvas((ctx, w, h) => paintMask(ctx, w, h, view), "lycoris-mask-canvas");
-  const widgetValue = (name) => node.widgets?.find((w) => w.name === name)?.value;
+  const widgetOf = (name) => node.widgets?.find((w) => w.name === name);
+  const widgetValue = (name) => widgetOf(name)?.value;
+  const modelLinked = () => node.inputs?.find((i) => i.name === "model")?.link != null;
 
-  const query = () => {
-    const params = new URLSearchParams({
-      rank: String(Math.round(Number(widgetValue("rank")))),
-      min_rank: String(Math.round(Number(widgetValue("min_rank")))),
-      alpha: String(widgetValue("alpha")),
-      alphas: String(widgetValue("compare_alphas") ?? ""),
-      step: String(MASK_STEP),
-    });
-    return params.toString();
+  /** Where rank / min_rank / alpha come from now: {kind: "widgets" | "config" | "ran" | "unknown", params}. */
+  const source = () => {
+    const { linked, config } = configSource(node);
+    if (!linked) {
+      return { kind: "widgets", params: { rank: String(Math.round(Number(widgetValue("rank")))),
+        min_rank: String(Math.round(Number(widgetValue("min_rank")))), alpha: String(widgetValue("alpha")) } };
+    }
+    if (config) {
+      const w = (name) => config.widgets?.find((x) => x.name === name)?.value;
+      return { kind: "config", params: { preset: String(w("preset") ?? ""), config_json: String(w("config_json") ?? "") } };
+    }
+    if (view.ran?.from_config) { // not a Config node (a subgraph input, …): what the last run used
+      const r = view.ran;
+      return { kind: "ran", params: { rank: String(r.rank), min_rank: String(r.min_rank), alpha: String(r.alpha) } };
+    }
+    return { kind: "unknown", params: { rank: String(Math.round(Number(widgetValue("rank")))),
+      min_rank: String(Math.round(Number(widgetValue("min_rank")))), alpha: String(widgetValue("alpha")) } };
+  };
+
+  const query = (src) => new URLSearchParams({ ...src.params, alphas: String(widgetValue("compare_alphas") ?? ""),
+    step: String(MASK_STEP) }).toString();
+
+  /** The sampler steps to mark: the last run's, dashed once scheduler / steps / denoise changed since. */
+  const updateMarks = () => {
+    const r = view.ran;
+    if (!r?.timesteps?.length || !modelLinked()) { view.marks = null; return; }
+    const stale = SCHEDULE_WIDGETS.some((name) => String(widgetValue(name)) !== String(r[name]));
+    view.marks = { timesteps: r.timesteps, stale };
+  };
+
+  const describe = (src) => {
+    const lines = [];
+    if (src.kind === "config" && view.data) {
+      lines.push(`from config: rank ${view.data.rank}, min ${view.data.min_rank}, α ${Number(view.data.alphas[0])}`);
+    } else if (src.kind === "ran") lines.push("from the config of the last run");
+    else if (src.kind === "unknown") lines.push("config connected: its values apply when run");
+    if (modelLinked()) {
+      if (!view.marks) lines.push("run to mark the sampler's steps");
+      else if (view.marks.stale) lines.push("steps of the last run: run to update");
+    }
+    return lines.join("\n");
+  };
+
+  const syncWidgets = (src) => { // the values a run ignores cannot be edited
+    const locked = src.kind !== "widgets";
+    for (const name of CONFIG_WIDGETS) {
+      const widget = widgetOf(name);
+      if (widget && Boolean(widget.disabled) !== locked) {
+        widget.disabled = locked;
+        node.setDirtyCanvas?.(true, false);
+      }
+    }
   };
 
   const load = async () => {
-    const q = query();
+    const src = source();
+    const q = query(src);
+    syncWidgets(src);
     view.request?.abort();
     const request = (view.request = new AbortController());
     frame.canvas.dataset.state = "loading";
@@ -107,22 +188,31 @@ export function addMaskWidget(node) {
       view.error = `mask route unreachable: ${err.message || err}`;
       state = "error";
     }
-    frame.canvas.dataset.state = state; // state, query and draws are read by the browser test
-    frame.canvas.dataset.query = q;
+    updateMarks();
+    view.note = describe(src);
+    const c = frame.canvas.dataset; // read by the browser test
+    c.query = q;
+    c.source = src.kind;
+    c.rank = view.data ? String(view.data.rank) : "";
+    c.minRank = view.data ? String(view.data.min_rank) : "";
+    c.alpha = view.data ? String(Number(view.data.alphas[0])) : "";
+    c.marks = String(view.marks?.timesteps.length ?? 0);
+    c.state = state;
     frame.request();
   };
   const schedule = () => {
     clearTimeout(view.timer);
     view.timer = setTimeout(load, FETCH_DELAY_MS);
   };
-  const noteConfig = () => {
-    const linked = node.inputs?.find((i) => i.name === "config")?.link != null;
-    const note = linked ? "config connected: its values apply when run" : "";
-    if (note !== view.note) { view.note = note; frame.request(); }
+  /** Called on every draw: a change upstream (the config node's preset or JSON, a link) refetches. */
+  const watch = () => {
+    const src = source();
+    const key = `${src.kind}|${query(src)}|${modelLinked()}|${SCHEDULE_WIDGETS.map(widgetValue).join(",")}`;
+    if (key !== view.key) { view.key = key; schedule(); }
   };
 
   for (const name of MASK_WIDGETS) {
-    const widget = node.widgets?.find((w) => w.name === name);
+    const widget = widgetOf(name);
     if (widget) chain(widget, "callback", schedule);
   }
   const widget = node.addDOMWidget("mask_plot", "lycoris-mask", frame.canvas, {
@@ -130,13 +220,19 @@ export function addMaskWidget(node) {
     hideOnZoom: true,
     getMinHeight: () => 150,
     getHeight: () => 190,
-    onDraw: () => frame.fit(),
+    onDraw: () => { frame.fit(); watch(); },
   });
   widget.serialize = false; // and out of the workflow's widgets_values
-  chain(node, "onConfigure", () => { schedule(); noteConfig(); }); // a loaded workflow sets values without callbacks
-  chain(node, "onConnectionsChange", noteConfig);
+  chain(node, "onConfigure", schedule); // a loaded workflow sets values without callbacks
+  chain(node, "onConnectionsChange", schedule);
+  chain(node, "onExecuted", (output) => {
+    const ran = output?.lycoris_mask?.[0];
+    if (ran) { view.ran = ran; schedule(); }
+  });
+  const poll = setInterval(watch, 400); // Nodes 2.0 draws no canvas node, so onDraw alone would miss edits upstream
   chain(node, "onRemoved", () => {
     clearTimeout(view.timer);
+    clearInterval(poll);
     view.request?.abort();
     frame.dispose();
   });
