@@ -6,6 +6,9 @@ the core (and its unit tests) runs without a ComfyUI on the path.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -53,6 +56,15 @@ def build_tiny_model(sizes: TinySizes, dtype: torch.dtype = torch.float32,
     return comfy.model_patcher.ModelPatcher(
         model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
     )
+
+
+def as_installed_unet_keys(family: str, unet_config: dict, state_dict: dict) -> dict:
+    """A `diffusion_model` state dict in the original file layout, renamed as this ComfyUI's loader
+    renames it (its own `process_unet_state_dict`): v0.33 names Flux's QK-norm parameters `weight`
+    where the files, and 0.3.75, say `scale`."""
+    import comfy.supported_models
+
+    return getattr(comfy.supported_models, _SUPPORTED_CLASS[family])(dict(unet_config)).process_unet_state_dict(state_dict)
 
 
 def model_unet_config(model: Any) -> dict:
@@ -240,6 +252,79 @@ def comfy_weight(model: Any, key: str) -> torch.Tensor:
     return weight.detach().to("cpu", torch.float32)
 
 
+# -- running ComfyUI's model code from a training thread -----------------------------------------
+
+_training_lock = threading.Lock()
+_training_depth = 0
+_training_was: bool | None = None
+
+
+@contextmanager
+def training_ops() -> Iterator[None]:
+    """ComfyUI's model code in its autograd-capable form while the block runs.
+
+    Newer ComfyUI (v0.33) runs fused kernels that have no backward (comfy_kitchen's RoPE) unless
+    `comfy.model_management.in_training` is set, as its own Train LoRA node sets it around training.
+    The flag is process-wide: nested and concurrent users share a count, and the flag gets its
+    earlier value back when the last one leaves. A prompt sampling meanwhile takes the plain
+    PyTorch path (same numbers). ComfyUI 0.3.75 has no such flag: nothing changes there.
+    """
+    global _training_depth, _training_was
+    import comfy.model_management as mm
+
+    has_flag = hasattr(mm, "in_training")
+    if has_flag:
+        with _training_lock:
+            if _training_depth == 0:
+                _training_was = mm.in_training
+            _training_depth += 1
+            mm.in_training = True
+    try:
+        yield
+    finally:
+        if has_flag:
+            with _training_lock:
+                _training_depth -= 1
+                if _training_depth == 0:
+                    mm.in_training = _training_was
+
+
+_background = threading.local()
+
+
+def _interrupt_check_for_foreground(original):
+    def throw_exception_if_processing_interrupted():
+        if getattr(_background, "depth", 0):
+            return  # a background thread: the flag is the foreground prompt's, leave it for that prompt
+        return original()
+
+    throw_exception_if_processing_interrupted.__wrapped__ = original
+    return throw_exception_if_processing_interrupted
+
+
+@contextmanager
+def ignoring_comfy_interrupt() -> Iterator[None]:
+    """Run ComfyUI code on this (background) thread without taking ComfyUI's interrupt.
+
+    ComfyUI has one global interrupt flag for its running prompt, and every op it runs
+    (`comfy.ops.run_every_op`) reads and clears it. A trainer thread running the model would take
+    a Cancel meant for the foreground prompt: the job would fail and the prompt never stop. Inside
+    this block, this thread's checks leave the flag alone (jobs have their own cancel); other
+    threads check as before.
+    """
+    import comfy.model_management as mm
+
+    with _training_lock:
+        if not hasattr(mm.throw_exception_if_processing_interrupted, "__wrapped__"):
+            mm.throw_exception_if_processing_interrupted = _interrupt_check_for_foreground(
+                mm.throw_exception_if_processing_interrupted)
+    _background.depth = getattr(_background, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _background.depth -= 1
+
+
 def prepare_for_training(model: Any) -> torch.device:
     """Have ComfyUI load `model` on its device (after a prompt may have offloaded it); return the device."""
     import comfy.model_management as mm
@@ -286,7 +371,7 @@ def ksample(model: Any, positive: list, negative: list, latent: dict, seed: int,
     """The latent a KSampler node computes for these inputs (same noise, same sampler code), no progress bar.
 
     `guidance`: Flux guidance set on both conditionings as Flux Guidance does (None: as given).
-    Safe on a background thread: nothing here touches ComfyUI's interrupt flag.
+    On a background thread, run it inside `ignoring_comfy_interrupt` (ComfyUI's ops read the flag).
     """
     import comfy.sample
     import comfy.samplers

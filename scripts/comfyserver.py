@@ -115,7 +115,8 @@ class ComfyServer:
         req = urllib.request.Request(self.url + path, data=json.dumps(payload).encode(),
                                      headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return json.loads(resp.read())
+            body = resp.read()
+            return json.loads(body) if body else None  # ComfyUI's /interrupt answers with no body
 
     def submit(self, prompt: dict) -> str:
         """POST /prompt; a validation failure raises PromptError with the server's node errors."""
@@ -158,4 +159,6 @@ def _describe_failure(status: dict) -> str:
     for kind, data in status.get("messages", []):
         if kind == "execution_error":
             return f"node {data.get('node_id')} ({data.get('node_type')}): {data.get('exception_message')}"
+        if kind == "execution_interrupted":
+            return f"node {data.get('node_id')} ({data.get('node_type')}): interrupted"
     return "execution failed"

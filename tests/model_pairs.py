@@ -79,7 +79,8 @@ def make_pair(family: str, seed: int = 0) -> Pair:
     cfg = dict(host.model_unet_config(patcher))
     profile = profile_named(family)
     reference = seed_diffusers(profile.build_skeleton(cfg, device="cpu"), seed)
-    patcher.model.diffusion_model.load_state_dict(profile.convert_state_dict(reference.state_dict(), cfg), strict=True)
+    converted = host.as_installed_unet_keys(family, cfg, profile.convert_state_dict(reference.state_dict(), cfg))
+    patcher.model.diffusion_model.load_state_dict(converted, strict=True)
     patcher.model.diffusion_model.eval()
     return Pair(family, profile, cfg, patcher, reference, _inputs(family, cfg, patcher, seed))
 

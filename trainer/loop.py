@@ -101,13 +101,14 @@ def training_step(predict: ComfyPredictor, objective: Objective, batches: list[B
                   world: World | None = None) -> StepResult:
     """One optimizer step exactly as a job runs it (the bench times this very function).
 
-    Autograd on (jobs run on threads where ComfyUI may have turned it off), the model's blocks
+    Autograd on (jobs run on threads where ComfyUI may have turned it off) and ComfyUI's ops in
+    their autograd-capable form (`host.training_ops`), the model's blocks
     checkpointed exactly or every saved activation kept (`checkpointing`), then the step itself:
     noise, forward with the trainable adapter in bypass, loss, backward, clip, optimizer step.
     """
     world = world or World()
     params = predict.trainable.parameters()
-    with torch.enable_grad(), memory_mode(predict.base_model.diffusion_model, checkpointing):
+    with torch.enable_grad(), host.training_ops(), memory_mode(predict.base_model.diffusion_model, checkpointing):
         return world.train_step(predict, objective, batches, params, optimizer, generator, max_grad_norm)
 
 
@@ -189,12 +190,13 @@ def run_training(spec: JobSpec, name: str, patcher: Any, data: TrainingSet, fold
                  world: World | None = None, resume: bool = False, validation: Validation | None = None) -> Outcome:
     """Train `spec` on `patcher` (a ComfyUI MODEL, whose weights keep their values) and `data`.
 
-    Runs with autograd on even when called from a ComfyUI node thread. `world`: this process's
+    Runs with autograd on even when called from a ComfyUI node thread, and leaves ComfyUI's
+    interrupt flag to the foreground prompt (jobs have their own cancel). `world`: this process's
     rank among data-parallel processes (`trainer.distributed`); None: one process. Raises
     JobCancelled (after a checkpoint) or JobStopped (a message saying why). `validation`: previews
     rendered at step 0, every `validation.every` steps and at the end (`trainer.validation`).
     """
-    with torch.inference_mode(False):
+    with torch.inference_mode(False), host.ignoring_comfy_interrupt():
         return _run_training(spec, name, patcher, data, folders, reporter, world or World(), resume, validation)
 
 

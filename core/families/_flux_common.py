@@ -122,9 +122,9 @@ def io_routes(unet_config: dict, names: FluxNames) -> dict[str, Route]:
 def qk_norm_params(unet_config: dict) -> dict[str, str]:
     """Diffusers QK-norm weights -> ComfyUI parameter names (the only non-Linear parameters).
 
-    ComfyUI 0.3.75 names its Flux RMSNorm parameter `scale`; newer ComfyUI (v0.33) names it
-    `weight`. This produces `.scale` (the pinned host); a caller loading into a newer ComfyUI
-    renames the suffix.
+    This is the original file layout (`.scale`), which ComfyUI 0.3.75's modules use too; newer
+    ComfyUI (v0.33) renames it to `weight` when it loads a file: `host.as_installed_unet_keys`
+    applies that loader's renaming.
     """
     params: dict[str, str] = {}
     for i in range(int(unet_config["depth"])):

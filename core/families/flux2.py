@@ -73,7 +73,7 @@ class Flux2Profile(FamilyProfile):
         return routes
 
     def convert_state_dict(self, diffusers_sd: dict[str, torch.Tensor], unet_config: dict) -> dict[str, torch.Tensor]:
-        """Diffusers Flux 2 weights as ComfyUI 0.3.75 `diffusion_model` keys (QK norms as `.scale`)."""
+        """Diffusers Flux 2 weights as ComfyUI `diffusion_model` keys in the file layout (QK norms as `.scale`)."""
         return convert_with_routes(diffusers_sd, self.routes(unet_config), qk_norm_params(unet_config))
 
 

@@ -23,7 +23,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -556,22 +555,6 @@ def test_load_lists_a_just_trained_file_and_the_job_offers_it(ui, comfy_server):
     ui.page.screenshot(path=str(SHOTS / "job_done_load.png"))
 
 
-def _xfail_if_the_trainer_took_the_interrupt(comfy_server, job_id: str) -> None:
-    """The trainer's forward runs ComfyUI ops, which consume ComfyUI's one global interrupt flag
-    (`comfy.ops.run_every_op`): a Cancel that lands mid-step fails the job (0.3.75) or ends the trainer's
-    thread (v0.33), and the waiting prompt never hears it. That is the trainer's to fix, not the page's."""
-    job = comfy_server.get(f"/lycoris/jobs/{job_id}")
-    stalled = False
-    if job["state"] in ("running", "waiting"):
-        time.sleep(5)
-        stalled = comfy_server.get(f"/lycoris/jobs/{job_id}")["step"] == job["step"]
-    if stalled:
-        _post_raw(comfy_server, "/interrupt", {})  # the trainer thread is gone: free the waiting prompt
-    if stalled or (job["state"] == "failed" and "Interrupt" in job["message"]):
-        pytest.xfail("ComfyUI's Cancel reached the trainer's thread (comfy.ops.run_every_op consumes the global "
-                     f"interrupt flag), not the Job node's wait: job {job['state']}" + (", trainer stalled" if stalled else ""))
-
-
 def test_job_node_follows_its_run_and_says_training_continues_after_comfys_cancel(ui, comfy_server):
     """The Job node shows the running job's step before the job ends; ComfyUI's own Cancel stops only
     the wait, and the node says so; Cancel on the node stops the job, which then offers Resume."""
@@ -592,13 +575,9 @@ def test_job_node_follows_its_run_and_says_training_continues_after_comfys_cance
     ui.page.screenshot(path=str(SHOTS / "real_job.png"))
 
     _post_raw(comfy_server, "/interrupt", {})  # ComfyUI's own "Cancel current run"
-    try:
-        ui.page.wait_for_function(f"(id) => {APP}.graph.getNodeById(id).widgets.find((w) => w.name === 'lycoris_job')"
-                                  ".element.textContent.includes('training continues: cancel it here or in LyCORIS jobs')",
-                                  arg=ids["job"], timeout=30_000)
-    except Exception:  # noqa: BLE001 - say why when the trainer, not the page, is at fault
-        _xfail_if_the_trainer_took_the_interrupt(comfy_server, job_id)
-        raise
+    ui.page.wait_for_function(f"(id) => {APP}.graph.getNodeById(id).widgets.find((w) => w.name === 'lycoris_job')"
+                              ".element.textContent.includes('training continues: cancel it here or in LyCORIS jobs')",
+                              arg=ids["job"], timeout=30_000)
     assert comfy_server.get(f"/lycoris/jobs/{job_id}")["state"] in ("running", "waiting")
     ui.page.screenshot(path=str(SHOTS / "job_after_comfy_cancel.png"))
 

@@ -224,3 +224,30 @@ def test_a_config_probably_not_meant_warns_on_train(comfy_server):
     assert "warning: apply_preset.target_module: 'Attention' matched no module" in outputs["train"]["text"][0]
     done = ended(comfy_server, outputs["train"]["job_id"][0])
     assert done["state"] == "done" and "warning: apply_preset.target_module" in done["message"]
+
+
+def test_comfyuis_cancel_stops_the_waiting_prompt_and_not_the_job(comfy_server):
+    """ComfyUI's "Cancel current run" is for the prompt: a Job node waiting on the job stops waiting, and
+    the job trains on (the trainer's ComfyUI ops must not take the global interrupt flag; they did)."""
+    prompt = train(100000, "safety/comfy_cancel")
+    prompt["job"] = {"class_type": "LycorisJob", "inputs": {"job": ["train", 0], "wait": True}}
+    waiting = comfy_server.submit(prompt)
+    deadline = time.monotonic() + 120
+    while not (jobs := [j for j in comfy_server.get("/lycoris/jobs")["jobs"]
+                        if j["name"].startswith("safety/comfy_cancel") and j["state"] in ACTIVE and j["step"] >= 2]):
+        assert time.monotonic() < deadline, "the job did not start"
+        time.sleep(0.1)
+    running = jobs[0]
+    for _ in range(3):  # a Cancel can land between steps or inside one
+        comfy_server.post("/interrupt", {})
+        time.sleep(0.3)
+    with pytest.raises(PromptError, match="(?i)interrupt"):
+        comfy_server.wait(waiting, timeout=60)
+    step = comfy_server.get(f"/lycoris/jobs/{running['id']}")["step"]
+    while (now := comfy_server.get(f"/lycoris/jobs/{running['id']}"))["step"] < step + 3:
+        assert now["state"] in ACTIVE, f"the job ended on ComfyUI's cancel: {now['state']}: {now['message']}"
+        assert time.monotonic() < deadline + 120, "the job stopped training"
+        time.sleep(0.1)
+    comfy_server.post(f"/lycoris/jobs/{running['id']}/cancel", {})
+    assert ended(comfy_server, running["id"])["state"] == "cancelled"
+    assert _sample(comfy_server, "safety/after_comfy_cancel"), "the next prompt runs"

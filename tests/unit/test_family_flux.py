@@ -116,7 +116,7 @@ def test_full_size_routes_and_conversion_shapes(name):
     profile, comfy_model = PROFILES[family], comfy_meta_model(cfg)
     assert_routes_cover(profile, cfg, comfy_model)
     # Conversion on meta tensors: exactly ComfyUI's parameter names and shapes.
-    converted = profile.convert_state_dict(profile.build_skeleton(cfg).state_dict(), cfg)
+    converted = host.as_installed_unet_keys(family, cfg, profile.convert_state_dict(profile.build_skeleton(cfg).state_dict(), cfg))
     want = {k: tuple(v.shape) for k, v in comfy_model.state_dict().items()}
     assert {k: tuple(v.shape) for k, v in converted.items()} == want
 
@@ -206,7 +206,7 @@ def pair(request):
 def run_converted(pair) -> tuple[torch.Tensor, torch.Tensor]:
     family, ref_model, ref, comfy_model, inp = pair
     cfg = unet_config(tiny_sizes(family))
-    converted = PROFILES[family].convert_state_dict(ref_model.state_dict(), cfg)
+    converted = host.as_installed_unet_keys(family, cfg, PROFILES[family].convert_state_dict(ref_model.state_dict(), cfg))
     comfy_model.load_state_dict(converted, strict=True)
     with torch.no_grad():
         return comfy_forward(comfy_model, inp), ref
