@@ -9,6 +9,7 @@ from comfy_api.latest import io, ui
 
 from ..core import host
 from ..core.config import ConfigError, load_json, parse_config
+from ..core.config import LycorisConfig as ParsedConfig
 from ..core.memory_estimate import estimate_training_memory
 from ..core.plan_report import summarize
 from ..core.targets import plan_for
@@ -21,6 +22,19 @@ CUSTOM = "custom"
 
 def preset_names() -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("*.json") if p.name != "schema.json")
+
+
+def config_from_inputs(preset: str, config_json: str) -> ParsedConfig:
+    """What a LyCORIS Config node with these widget values outputs (its node, and the mask widget's
+    route for a connected Config node); ConfigError naming the field."""
+    if preset == CUSTOM:
+        if not config_json.strip():
+            raise ConfigError("config_json: empty; paste a config or pick a preset")
+        return parse_config(config_json)
+    if preset not in preset_names():
+        raise ConfigError(f"preset: '{preset}' is not in configs/ ({', '.join(preset_names())})")
+    overrides = load_json(config_json) if config_json.strip() else None
+    return parse_config((CONFIG_DIR / f"{preset}.json").read_text(), overrides)
 
 
 class LoadConfig(io.ComfyNode):
@@ -50,15 +64,7 @@ class LoadConfig(io.ComfyNode):
     @classmethod
     def execute(cls, preset, config_json) -> io.NodeOutput:
         try:
-            if preset == CUSTOM:
-                if not config_json.strip():
-                    raise ConfigError("config_json: empty; paste a config or pick a preset")
-                config = parse_config(config_json)
-            else:
-                if preset not in preset_names():
-                    raise ConfigError(f"preset: '{preset}' is not in configs/ ({', '.join(preset_names())})")
-                overrides = load_json(config_json) if config_json.strip() else None
-                config = parse_config((CONFIG_DIR / f"{preset}.json").read_text(), overrides)
+            config = config_from_inputs(preset, config_json)
         except ConfigError as err:
             raise ValueError(f"LyCORIS config error: {err}") from None
         lines = [config.description] if config.description else []

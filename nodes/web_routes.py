@@ -46,20 +46,12 @@ def _alphas(alpha: float, text: str) -> list[float]:
 
 def config_params(preset: str, config_json: str) -> tuple[int, int, float]:
     """rank, min_rank, alpha of what a LyCORIS Config node with these widgets outputs; ValueError naming the field."""
-    from ..core.config import ConfigError, load_json, parse_config
-    from .config_nodes import CONFIG_DIR, CUSTOM, preset_names
+    from ..core.config import ConfigError
+    from .config_nodes import config_from_inputs
     from .tlora_visualizer import _config_params
 
     try:
-        if preset == CUSTOM:
-            if not config_json.strip():
-                raise ConfigError("config_json: empty; paste a config or pick a preset")
-            config = parse_config(config_json)
-        else:
-            if preset not in preset_names():
-                raise ConfigError(f"preset: '{preset}' is not in configs/ ({', '.join(preset_names())})")
-            overrides = load_json(config_json) if config_json.strip() else None
-            config = parse_config((CONFIG_DIR / f"{preset}.json").read_text(), overrides)
+        config = config_from_inputs(preset, config_json)
     except ConfigError as err:
         raise ValueError(f"config: {err}") from None
     return _config_params(config)
