@@ -54,20 +54,39 @@ class TrainingSet:
             out.setdefault(tuple(latent.shape), []).append(i)
         return out
 
-    def batches(self, batch_size: int, generator: torch.Generator) -> Iterator[list[int]]:
-        """Endless shuffled epochs (each item `repeats` times); each batch from one bucket."""
+    def batches(self, batch_size: int, seed: int, start: int = 0) -> Iterator[list[int]]:
+        """Endless shuffled epochs (each item `repeats` times; each batch from one bucket), from batch `start`.
+
+        Each epoch's order comes from its own generator (`seed`, epoch number), not from the run's
+        generator: a run resumed at batch `start` gets exactly the batches an uninterrupted run had
+        from there, even mid-epoch, and the run's generator (noise, caption dropout) is not consumed.
+        """
+        epoch_number = 0
         while True:
-            epoch: list[list[int]] = []
-            for indices in self.buckets().values():
-                pool = [i for i in indices for _ in range(self.repeats)]
-                order = torch.randperm(len(pool), generator=generator).tolist()
-                pool = [pool[j] for j in order]
-                epoch += [pool[k : k + batch_size] for k in range(0, len(pool), batch_size)]
-            for j in torch.randperm(len(epoch), generator=generator).tolist():
-                yield epoch[j]
+            epoch = self._epoch(batch_size, torch.Generator().manual_seed(_epoch_seed(seed, epoch_number)))
+            epoch_number += 1
+            if start >= len(epoch):
+                start -= len(epoch)
+                continue
+            yield from epoch[start:]
+            start = 0
+
+    def _epoch(self, batch_size: int, generator: torch.Generator) -> list[list[int]]:
+        epoch: list[list[int]] = []
+        for indices in self.buckets().values():
+            pool = [i for i in indices for _ in range(self.repeats)]
+            order = torch.randperm(len(pool), generator=generator).tolist()
+            pool = [pool[j] for j in order]
+            epoch += [pool[k : k + batch_size] for k in range(0, len(pool), batch_size)]
+        return [epoch[j] for j in torch.randperm(len(epoch), generator=generator).tolist()]
 
     def drop_caption(self, generator: torch.Generator) -> bool:
         return self.caption_dropout > 0 and float(torch.rand(1, generator=generator)) < self.caption_dropout
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    """A generator seed per (run seed, epoch): distinct epochs, in torch's seed range."""
+    return (int(seed) * 1_000_003 + epoch) % (1 << 63)
 
 
 def from_latent_batch(latent: dict, conditioning: Sequence[Any], repeats: int = 1, caption_dropout: float = 0.0,

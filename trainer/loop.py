@@ -228,7 +228,7 @@ def _run_training(spec: JobSpec, name: str, patcher: Any, data: TrainingSet, fol
     if data.empty_conditioning is not None:
         empty = {k: v.clone() if isinstance(v, torch.Tensor) else v
                  for k, v in encode_conditioning(patcher.model, data.empty_conditioning, items[0][0], spec.guidance).items()}
-    order = data.batches(spec.batch_size, generator)
+    order = data.batches(spec.batch_size, spec.seed, start=start * spec.grad_accumulation)  # resume: same order
     # LyCORIS trains with the config's multiplier on every module's output (SimpleTuner passes it on).
     predict = ComfyPredictor(patcher.model, trainable, strength=config.multiplier)
     run.step = start

@@ -38,8 +38,7 @@ def test_encoded_set_buckets_sizes_and_encodes_each_caption_once():
     assert len(data) == 3 and sorted(len(v) for v in data.buckets().values()) == [1, 2]
     assert calls.count("txt:a cat") == 1 and "txt:" in calls, "equal captions once; the empty one for dropout"
     assert data.empty_conditioning is not None
-    gen = torch.Generator().manual_seed(0)
-    batches = data.batches(2, gen)
+    batches = data.batches(2, seed=0)
     for _ in range(6):
         batch = next(batches)
         assert len({tuple(data.latents[i].shape) for i in batch}) == 1, "a batch never mixes sizes"
@@ -66,3 +65,20 @@ def test_folder_items_need_captions_and_readable_images(tmp_path):
 def test_mismatched_counts_name_the_problem():
     with pytest.raises(DatasetError, match="2 images but 1 captions"):
         encoded_set([torch.rand(8, 8, 3)] * 2, ["a"], *encoders([]))
+
+
+def test_batches_resume_mid_epoch_where_an_uninterrupted_run_is():
+    """A resumed run asks for batches from its step on: exactly the sequence a run from 0 reaches,
+    mid-epoch included; every epoch holds each item `repeats` times; the seed changes the order."""
+    from itertools import islice
+
+    from comfyui_lycoris.trainer.data import TrainingSet
+
+    data = TrainingSet([torch.zeros(4, 8, 8)] * 5 + [torch.zeros(4, 8, 16)] * 2, [[]], repeats=2)
+    full = list(islice(data.batches(2, seed=3), 40))
+    for start in (1, 5, 7, 8, 13):
+        assert list(islice(data.batches(2, seed=3, start=start), 40 - start)) == full[start:], start
+    epoch = full[:7]  # 10 + 4 item slots in batches of 2: 5 + 2 batches
+    assert sorted(i for b in epoch for i in b) == sorted(list(range(7)) * 2)
+    assert full[:7] != full[7:14], "each epoch is shuffled anew"
+    assert list(islice(data.batches(2, seed=4), 40)) != full

@@ -59,7 +59,11 @@ def test_loss_falls_and_the_adapter_is_published(setup, tmp_path):
 
 
 def test_cancel_then_resume_equals_uninterrupted(setup, tmp_path):
-    model, data = setup
+    """Six items in batches of one: the cancel lands mid-epoch (steps 7-11), so the resumed run must
+    continue the data order, not start a new epoch."""
+    model, _ = setup
+    data = from_latent_batch({"samples": pattern_latents(128, 4, 4, 6, seed=1)},
+                             host.tiny_conditioning(model, "a red square", 4))
     queue = JobQueue()
     full, _ = run(queue, model, data, tmp_path, spec(steps=20), "full")
     assert full.done_event.wait(300) and full.state == "done"
@@ -70,6 +74,7 @@ def test_cancel_then_resume_equals_uninterrupted(setup, tmp_path):
     assert partial.done_event.wait(300) and partial.state == "cancelled"
     saved = load_checkpoint(latest_checkpoint(folders.checkpoints))
     assert saved.step == partial.step and saved.step < 20
+    assert saved.step % 6, "cancelled mid-epoch"
     resumed, _ = run(queue, model, data, tmp_path, spec(steps=20), "resumed", resume=True)
     assert resumed.done_event.wait(300) and resumed.state == "done", resumed.message
     assert resumed.losses[0][0] == saved.step + 1, "resume continues at the saved step"
