@@ -44,6 +44,8 @@ from typing import Any
 
 import torch
 
+from ..core import host
+
 _ORIGINAL = "_lycoris_trainer_forward"
 _BLOCK_LISTS = ("double_blocks", "single_blocks", "transformer_blocks", "input_blocks", "output_blocks")
 _SINGLE_BLOCKS = ("middle_block",)
@@ -164,7 +166,8 @@ class _Checkpointed(torch.autograd.Function):
         leaves = [p.detach().requires_grad_(need) for p, need in zip(ctx.private, ctx.needs_grad)]
         # The block updates its inputs and intermediates in place: it runs on non-leaf copies of the
         # leaves, and what it saves for its own backward is copied when saved (one block at a time).
-        with torch.enable_grad(), snapshot_saved_tensors():
+        # The model runs again here: in ComfyUI's autograd-capable ops (v0.33's fused RoPE has no backward).
+        with torch.enable_grad(), snapshot_saved_tensors(), host.training_ops():
             out = ctx.call.run([leaf.clone() for leaf in leaves])
         flat: list[torch.Tensor] = []
         _flatten(out, flat)

@@ -101,14 +101,13 @@ def training_step(predict: ComfyPredictor, objective: Objective, batches: list[B
                   world: World | None = None) -> StepResult:
     """One optimizer step exactly as a job runs it (the bench times this very function).
 
-    Autograd on (jobs run on threads where ComfyUI may have turned it off) and ComfyUI's ops in
-    their autograd-capable form (`host.training_ops`), the model's blocks
+    Autograd on (jobs run on threads where ComfyUI may have turned it off), the model's blocks
     checkpointed exactly or every saved activation kept (`checkpointing`), then the step itself:
     noise, forward with the trainable adapter in bypass, loss, backward, clip, optimizer step.
     """
     world = world or World()
     params = predict.trainable.parameters()
-    with torch.enable_grad(), host.training_ops(), memory_mode(predict.base_model.diffusion_model, checkpointing):
+    with torch.enable_grad(), memory_mode(predict.base_model.diffusion_model, checkpointing):
         return world.train_step(predict, objective, batches, params, optimizer, generator, max_grad_norm)
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ..core import host
 from ..core.runtime import active, build_call_state, install_hooks
 from .objectives import Objective, objective_for
 from .trainable import TrainableAdapter
@@ -120,7 +121,7 @@ class ComfyPredictor:
             return output
 
         options = {"wrappers": {DIFFUSION_MODEL_WRAPPER: {_WRAPPER_KEY: [capture]}}}
-        with active(state):
+        with active(state), host.training_ops():  # ComfyUI's autograd-capable ops (v0.33)
             self.base_model.apply_model(model_input, sigma.to(model_input.device), transformer_options=options,
                                         **cond)
         if len(captured) != 1 or not isinstance(captured[0], torch.Tensor):
