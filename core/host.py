@@ -77,6 +77,72 @@ def model_family(model: Any) -> str:
     return profile_for(model_unet_config(model)).name
 
 
+# Storage dtypes of Load Diffusion Model's fp8 weight_dtype choices (core's UNETLoader)
+_FP8_WEIGHT_DTYPES = {torch.float8_e4m3fn: "fp8_e4m3fn", torch.float8_e5m2: "fp8_e5m2"}
+
+
+def model_weight_dtype(model: Any) -> str:
+    """The Load Diffusion Model `weight_dtype` that holds this MODEL's weights as they are held now.
+
+    An fp8 storage dtype (`_fast` when ComfyUI's fp8 matmuls are on), else "default": ComfyUI then
+    picks the dtype for the device, as it did when the node loaded the file."""
+    base = model.model
+    name = _FP8_WEIGHT_DTYPES.get(base.get_dtype())
+    if name == "fp8_e4m3fn" and base.model_config.optimizations.get("fp8", False):
+        return "fp8_e4m3fn_fast"
+    return name or "default"
+
+
+def linear_weight_dtypes(model: Any) -> list[str]:
+    """Dtypes the diffusion model's linear layers store their weights in (what a run reports it loaded)."""
+    found = {module.weight.dtype for module in model.model.diffusion_model.modules()
+             if isinstance(module, torch.nn.Linear) and module.weight is not None}
+    return sorted(str(dtype).removeprefix("torch.") for dtype in found)
+
+
+def unet_weight_dtypes() -> list[str]:
+    """The `weight_dtype` choices of this ComfyUI's Load Diffusion Model (UNETLoader)."""
+    import nodes
+
+    return list(nodes.UNETLoader.INPUT_TYPES()["required"]["weight_dtype"][0])
+
+
+def load_diffusion_model_file(path: Any, weight_dtype: str = "default") -> Any:
+    """A diffusion-model file as a MODEL through core's Load Diffusion Model (UNETLoader) itself.
+
+    The same `weight_dtype` choices and model options as the node in this ComfyUI version. The
+    file's folder is put first among the diffusion_models folders while the node resolves its
+    name (so it is this file, wherever it lies), then the folder list is restored."""
+    from pathlib import Path
+
+    import folder_paths
+
+    import nodes  # ComfyUI's nodes.py (first on sys.path), not the pack's nodes/
+
+    choices = unet_weight_dtypes()
+    if weight_dtype not in choices:
+        raise ValueError(f"weight_dtype: this ComfyUI's Load Diffusion Model offers {', '.join(choices)} "
+                         f"(got {weight_dtype!r})")
+    path = Path(path).resolve()
+    folders = folder_paths.folder_names_and_paths["diffusion_models"][0]
+    before = list(folders)
+    folder_paths.add_model_folder_path("diffusion_models", str(path.parent), is_default=True)
+    try:
+        found = folder_paths.get_full_path("diffusion_models", path.name)
+        if found is None or Path(found).resolve() != path:
+            raise ValueError(f"model: {path} cannot be named to Load Diffusion Model (it resolves to {found})")
+        return nodes.UNETLoader().load_unet(path.name, weight_dtype)[0]
+    finally:
+        folders[:] = before
+
+
+def load_checkpoint_model_file(path: Any) -> Any:
+    """The MODEL of a checkpoint file, as core's Load Checkpoint loads it (no CLIP or VAE)."""
+    import comfy.sd
+
+    return comfy.sd.load_checkpoint_guess_config(str(path), output_vae=False, output_clip=False)[0]
+
+
 def tiny_conditioning(model: Any, text: str, tokens: int) -> list:
     """CONDITIONING for `model` from the deterministic tiny text embedding of `text`."""
     family = model_family(model)

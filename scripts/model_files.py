@@ -11,7 +11,9 @@ family, every layer at its real width, but only a few blocks deep.
 - `flux2_shapes()`: Flux 2 dev (`flux2-dev.safetensors` names) at real width: hidden 6144, 48
   heads, text 15360; 2.29 G parameters for 1 + 1 blocks (4.6 GB bf16, 9.2 GB once ComfyUI holds it
   in fp32 on a CPU). 0.3.75 detects only this width (it assumes 48 heads for Flux 2); Klein widths
-  (3072 / 24 heads) need a newer ComfyUI.
+  (3072 / 24 heads) need a newer ComfyUI (v0.33 reads the head count from the width).
+  `flux2_klein_width_1x1` is Klein 4B's width (3072, 24 heads, text 7680, no guidance embedder), 1 + 1
+  blocks: 563 M parameters, 1.1 GB in bf16.
 - `sdxl_shapes()`: an SDXL-family checkpoint's UNet (`model.diffusion_model.*`, the SGM names of
   `sd_xl_base_1.0.safetensors`); detection only knows whole block layouts, the smallest being
   Segmind Vega's (745 M parameters at full SDXL width). Full SDXL is 2.57 G (10.3 GB in fp32).
@@ -21,9 +23,10 @@ atomically, and are bit-identical for the same layout, seed and dtype on any mac
 has its own generator seeded from (seed, key). Matrices are N(0, 1/fan_in), norm scales 1,
 biases (and other vectors) N(0, 0.02^2).
 
-    python scripts/model_files.py flux1|flux2|sdxl OUT_DIR [--dtype bf16|fp8_e4m3fn|fp32] [--seed N]
+    python scripts/model_files.py flux1|flux2|sdxl|<name in FILES> OUT_DIR [--dtype bf16|fp8_e4m3fn|fp32] [--seed N]
 
-writes e.g. `OUT_DIR/flux1_real_width_1x1.safetensors` (for ComfyUI's models/diffusion_models;
+writes e.g. `OUT_DIR/flux1_real_width_1x1.safetensors` (a family name writes its first file in FILES;
+`flux2_klein_width_1x1` the Klein-width Flux 2) (for ComfyUI's models/diffusion_models;
 the SDXL file is a checkpoint for models/checkpoints). The SDXL layout and `detected_unet_config`
 need ComfyUI importable (scripts/comfyenv.py sets that up for tests and benchmarks).
 """
@@ -186,6 +189,9 @@ def sdxl_shapes(variant: str = "segmind_vega") -> Shapes:
 FILES: dict[str, tuple[str, Callable[..., Shapes], dict]] = {
     "flux1_real_width_1x1": ("flux1", flux1_shapes, {}),
     "flux2_full_width_1x1": ("flux2", flux2_shapes, {}),
+    # Flux 2 Klein 4B's width (3072, 24 heads, Qwen3 text 7680; no guidance embedder): newer ComfyUI only
+    "flux2_klein_width_1x1": ("flux2", flux2_shapes, {"hidden": 3072, "heads": 24, "context_in_dim": 7680,
+                                                      "guidance": False}),
     "sdxl_segmind_vega": ("sdxl", sdxl_shapes, {"variant": "segmind_vega"}),
 }
 
@@ -312,7 +318,7 @@ def detected_unet_config(shapes: Shapes) -> dict:
     try:
         config = comfy.model_detection.model_config_from_unet(unet or state_dict, "")
     except Exception as err:  # detection itself raises for sizes it cannot describe
-        raise ValueError(f"ComfyUI's detection refuses this layout: {type(err).__name__}: {err}") from None
+        raise ValueError(f"ComfyUI's detection refuses this layout: {type(err).__name__}: {err}") from err
     if config is None:
         raise ValueError("ComfyUI's detection does not recognise this layout")
     config.set_inference_dtype(torch.bfloat16, None)
@@ -320,23 +326,24 @@ def detected_unet_config(shapes: Shapes) -> dict:
         config.get_model({}, "", device="meta")
     except Exception as err:
         raise ValueError(f"ComfyUI detects a {config.unet_config.get('image_model', type(config).__name__)} "
-                         f"model but cannot build it: {type(err).__name__}: {err}") from None
+                         f"model but cannot build it: {type(err).__name__}: {err}") from err
     return dict(config.unet_config)
 
 
 def _main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("family", choices=sorted({f for f, _, _ in FILES.values()}))
+    parser.add_argument("family", choices=sorted({f for f, _, _ in FILES.values()} | set(FILES)),
+                        help="a family (its first file in FILES) or a file name of FILES")
     parser.add_argument("out", type=Path, help="folder (e.g. ComfyUI/models/diffusion_models)")
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPE_NAMES))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if args.family == "sdxl":  # its layout is read from ComfyUI's own UNet (COMFYUI_PATH or .comfyui/)
+    name = args.family if args.family in FILES else next(n for n, (f, _, _) in FILES.items() if f == args.family)
+    family, layout, kwargs = FILES[name]
+    if family == "sdxl":  # its layout is read from ComfyUI's own UNet (COMFYUI_PATH or .comfyui/)
         from comfyenv import install_import_paths
 
         install_import_paths()
-    name = next(n for n, (f, _, _) in FILES.items() if f == args.family)
-    family, layout, kwargs = FILES[name]
     print(f"{name}: {parameters(layout(**kwargs)) / 1e6:.0f} M parameters as {args.dtype}", flush=True)
     print(ensure_file(args.out, name, args.seed, DTYPE_NAMES[args.dtype]))
     return 0

@@ -8,6 +8,10 @@ field of the wrong type or range, a bad LyCORIS config or tiny recipe, checkpoin
 are all corrupt; the message names the field or lists each file and why), 3 stopped (non-finite
 loss), 4 cancelled (SIGINT / SIGTERM: a checkpoint is written first when possible).
 
+A model file is loaded as the graph loaded it: a diffusion model through core's Load Diffusion
+Model with the job's `weight_dtype` (fp8_e4m3fn...; "default" for jobs exported before the field),
+a checkpoint as Load Checkpoint does; the run says which dtype the linear weights are held in.
+
 Resume takes the newest intact checkpoint (`checkpoint.resume_point`; corrupt newer ones are named
 on stderr and skipped). Running a job again after it finished (a checkpoint at the last step)
 says it is already complete, names the adapter file (`checkpoint.final_adapter`) or says it is
@@ -31,6 +35,7 @@ import torch
 from ..core import host
 from ..core.adapter_set import architecture_key
 from ..core.dtypes import TORCH_DTYPES
+from ..core.paths import PathNameError, resolve_inside
 from .checkpoint import CheckpointError, ResumePoint, final_adapter, resume_point
 from .distributed import World, init_from_env, shutdown
 from .jobfile import MODEL_FOLDERS, JobFileError, ModelRef, load_dataset, read_job
@@ -75,7 +80,6 @@ def load_model(model: ModelRef, override: Path | None = None) -> Any:
     if model.kind == "tiny":
         patcher = host.build_tiny_model(model.tiny, TORCH_DTYPES.get(model.dtype, torch.float32))
     else:
-        import comfy.sd
         import folder_paths
 
         candidates = [override] if override else [Path(model.path)] if model.path else []
@@ -86,13 +90,34 @@ def load_model(model: ModelRef, override: Path | None = None) -> Any:
         if path is None:
             raise JobFileError(f"model: {model.describe()} not found (looked at "
                                f"{', '.join(str(p) for p in candidates if p) or 'nothing'}); pass --model PATH")
-        if model.kind == "diffusion_model":
-            patcher = comfy.sd.load_diffusion_model(str(path))
+        if model.kind == "diffusion_model":  # with the weight dtype the job was exported with (fp8...)
+            offered = host.unet_weight_dtypes()
+            if model.weight_dtype not in offered:
+                raise JobFileError(f"model.weight_dtype: this ComfyUI's Load Diffusion Model offers "
+                                   f"{', '.join(offered)} (got {model.weight_dtype!r})")
+            patcher = host.load_diffusion_model_file(path, model.weight_dtype)
         else:
-            patcher = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=False, output_clip=False)[0]
+            patcher = host.load_checkpoint_model_file(path)
     if model.architecture and architecture_key(host.model_unet_config(patcher)) != model.architecture:
         raise JobFileError(f"model: {model.describe()} is not the architecture the job was exported for")
     return patcher
+
+
+def find_init_lora(job_loras: Path, name: str) -> Path | None:
+    """A job's `init_lora` file: in the job folder's loras/ (where Export copies it), else in ComfyUI's loras
+    folder of this machine; None when neither has it (the run stops saying so)."""
+    if not name:
+        return None
+    try:
+        path = resolve_inside(job_loras, name, "spec.init_lora", new=False, where="the job's loras folder")
+    except PathNameError as err:
+        raise JobFileError(str(err)) from None
+    if path.is_file():
+        return path
+    import folder_paths
+
+    found = folder_paths.get_full_path("loras", name)
+    return Path(found) if found else None
 
 
 class HeadlessControl(JobControl):
@@ -157,7 +182,7 @@ def run_job(args: argparse.Namespace, world: World, out: TextIO = sys.stdout) ->
 
     folder = read_job(args.job)
     spec = folder.spec
-    folders = Folders(folder.checkpoints, args.loras or folder.loras)
+    folders = Folders(folder.checkpoints, args.loras or folder.loras, find_init_lora(folder.loras, spec.init_lora))
     resume = find_resume_point(folders.checkpoints)  # before loading anything heavy
     start = resume.step if resume is not None else 0
     world.agree(start, "resume step")
@@ -177,6 +202,9 @@ def run_job(args: argparse.Namespace, world: World, out: TextIO = sys.stdout) ->
         say(f"warning: batch_size {spec.batch_size} does not split evenly over {world.size} processes")
     started = time.monotonic()
     patcher = load_model(folder.model, args.model)
+    settings = host.memory_settings(patcher)
+    say(f"base model loaded: linear weights {', '.join(host.linear_weight_dtypes(patcher))}, computed in "
+        f"{str(settings['compute_dtype']).removeprefix('torch.')}")
     data = load_dataset(folder.dataset)
     if resume is not None:
         say(f"resuming from {resume.path.name}")

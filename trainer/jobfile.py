@@ -39,6 +39,9 @@ JOB_FILE = "job.json"
 DATASET_FILE = "dataset.safetensors"
 MODEL_KINDS = ("tiny", "diffusion_model", "checkpoint")
 MODEL_FOLDERS = {"diffusion_model": "diffusion_models", "checkpoint": "checkpoints"}  # ComfyUI model folders
+# Load Diffusion Model's `weight_dtype` choices (core's UNETLoader, 0.3.75 and v0.33): how a diffusion_model
+# file's weights are held. Checkpoints (Load Checkpoint has no such option) and tiny models use "default".
+WEIGHT_DTYPES = ("default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2")
 _SCALARS = (type(None), bool, int, float, str)
 
 
@@ -89,6 +92,7 @@ class ModelRef:
     file: str = ""  # file kinds: name inside ComfyUI's models/<MODEL_FOLDERS[kind]>
     path: str = ""  # file kinds: absolute path where the export found it
     architecture: str = ""  # core.adapter_set.architecture_key of the model; "" = not checked
+    weight_dtype: str = "default"  # kind "diffusion_model": Load Diffusion Model's weight_dtype (WEIGHT_DTYPES)
 
     def __post_init__(self) -> None:
         if self.kind not in MODEL_KINDS:
@@ -99,6 +103,13 @@ class ModelRef:
             raise JobFileError(f"model.file: a {self.kind} needs a file name or path")
         if self.dtype not in DTYPES:
             raise JobFileError(f"model.dtype: must be one of {', '.join(DTYPES)} (got {_shown(self.dtype)})")
+        if self.weight_dtype not in WEIGHT_DTYPES:
+            raise JobFileError(f"model.weight_dtype: must be one of {', '.join(WEIGHT_DTYPES)} "
+                               f"(got {_shown(self.weight_dtype)})")
+        if self.weight_dtype != "default" and self.kind != "diffusion_model":
+            raise JobFileError(f"model.weight_dtype: only a diffusion_model file is loaded with a weight dtype "
+                               f"(Load Diffusion Model's option); a {self.kind} takes 'default' "
+                               f"(got {_shown(self.weight_dtype)})")
         if self.tiny is not None:
             try:
                 unet_config(self.tiny)  # the recipe must form a model (names the bad size)
@@ -122,7 +133,8 @@ class ModelRef:
     def describe(self) -> str:
         if self.kind == "tiny":
             return f"tiny {self.tiny}"
-        return f"{self.kind} {self.file or self.path}"
+        weights = f" (weight_dtype {self.weight_dtype})" if self.weight_dtype != "default" else ""
+        return f"{self.kind} {self.file or self.path}{weights}"
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,15 @@ layer at its real width but only a few blocks deep, with seeded random weights (
   **Load Checkpoint**: the Segmind Vega block layout, the smallest SDXL UNet ComfyUI's detection
   knows (745 M parameters at full SDXL width: 320/640/1280 channels, text 2048); UNet only, so
   the loader gives no CLIP and a placeholder VAE.
+- Flux 2 at Klein 4B's width (hidden 3072, 24 heads, Qwen3 text 7680, no guidance embedder; 1 + 1
+  blocks: 563 M parameters) in models/diffusion_models. Whether it loads is the installed ComfyUI's
+  detection: v0.33 reads the head count from the width and loads it (then it gets every check
+  below); 0.3.75 assumes 48 heads for Flux 2 and refuses it, and then the tests check that the
+  refusal reaches the user as ComfyUI's own message on the failed prompt, no job is started, and
+  the server keeps serving.
 On each: Load LyCORIS -> Apply / A/B / Merge, and a short Train LyCORIS job; on Flux 1 also Export
-LyCORIS Job and `python -m trainer run` with the file as `base_model`.
+LyCORIS Job from a graph that loads it with `weight_dtype` fp8_e4m3fn and `python -m trainer run` with
+the file as `base_model` (the job file records the weight dtype; the run loads the weights in fp8).
 
 Adapter files (those fed in and those the trainer writes) must be what SimpleTuner writes for the
 model: the keys and shapes LyCORIS itself creates on the diffusers twin (built on `meta` from the
@@ -34,9 +41,10 @@ import pytest
 import torch
 from lycoris_reference import lycoris_network
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from comfyenv import REPO
+from comfyserver import PromptError
 from comfyui_lycoris.core.config import parse_config
 from comfyui_lycoris.core.families import profile_named
 
@@ -70,6 +78,12 @@ FLUX1 = Real("flux1_real_width_1x1", "flux1", "diffusion_models", "UNETLoader", 
               "apply_preset": {"target_module": ["FluxAttention"]}},
              "flux1_lokr", {"image_model": "flux", "hidden_size": 3072, "num_heads": 24, "depth": 1,
                             "depth_single_blocks": 1, "context_in_dim": 4096, "vec_in_dim": 768})
+FLUX2_KLEIN = Real("flux2_klein_width_1x1", "flux2", "diffusion_models", "UNETLoader", "unet_name",
+                   "EmptyFlux2LatentImage",
+                   {"algo": "lora", "multiplier": 1.0, "linear_dim": 8, "linear_alpha": 4,
+                    "apply_preset": {"target_module": ["Flux2Attention", "Flux2ParallelSelfAttention"]}},
+                   "flux2_lokr", {"image_model": "flux2", "hidden_size": 3072, "num_heads": 24, "depth": 1,
+                                  "depth_single_blocks": 1, "context_in_dim": 7680, "guidance_embed": False})
 SDXL = Real("sdxl_segmind_vega", "sdxl", "checkpoints", "CheckpointLoaderSimple", "ckpt_name", "EmptyLatentImage",
             {"algo": "lora", "multiplier": 1.0, "linear_dim": 8, "linear_alpha": 4,
              "apply_preset": {"target_module": ["Attention"]}},
@@ -88,18 +102,25 @@ def free(server) -> None:
 class Loaded:
     real: Real
     path: Path
-    unet_config: dict  # what ComfyUI's detection gives the file
-    twin: torch.nn.Module  # the diffusers model of that config, on meta
+    unet_config: dict  # what ComfyUI's detection gives the file ({} when it refuses it)
+    twin: torch.nn.Module | None  # the diffusers model of that config, on meta
+    refusal: str = ""  # ComfyUI's own message when this ComfyUI cannot load the file
 
 
 def _generated(server, real: Real):
     """The file in the server's models folder for one module; then the server's copy freed, the file removed.
 
-    One large model in the server at a time (Flux 1: 2.2 GB, SDXL: 3 GB once loaded in fp32)."""
+    One large model in the server at a time (Flux 1: 2.2 GB, SDXL: 3 GB once loaded in fp32). Detection
+    runs here in the test process, on the same ComfyUI as the server; a refusal keeps ComfyUI's message."""
     free(server)
     path = model_files.ensure_file(server.base / "models" / real.folder, real.name)
-    unet_config = model_files.detected_unet_config(model_files.read_shapes(path))
-    yield Loaded(real, path, unet_config, profile_named(real.family).build_skeleton(unet_config, device="meta"))
+    try:
+        unet_config = model_files.detected_unet_config(model_files.read_shapes(path))
+    except ValueError as err:
+        assert err.__cause__ is not None, err  # ComfyUI raised: detection or its model class refused the file
+        yield Loaded(real, path, {}, None, str(err.__cause__))
+    else:
+        yield Loaded(real, path, unet_config, profile_named(real.family).build_skeleton(unet_config, device="meta"))
     free(server)
     path.unlink(missing_ok=True)
 
@@ -112,6 +133,11 @@ def flux1(comfy_server):
 @pytest.fixture(scope="module")
 def sdxl(comfy_server):
     yield from _generated(comfy_server, SDXL)
+
+
+@pytest.fixture(scope="module")
+def flux2_klein(comfy_server):
+    yield from _generated(comfy_server, FLUX2_KLEIN)
 
 
 # -- adapter files as SimpleTuner writes them ------------------------------------------------------
@@ -234,9 +260,9 @@ def train_inputs(output_name: str) -> dict:
             "save_every": TRAIN_STEPS, "keep_last": 1, "nan_policy": "stop", "output_name": output_name}
 
 
-def train_graph(real: Real, node: dict) -> dict:
+def train_graph(real: Real, node: dict, weight_dtype: str = "default") -> dict:
     """Loader -> Tiny Training Latents (one 128x128 item) + Tiny Text Encode -> dataset, preset -> `node`."""
-    g = model_nodes(real)
+    g = model_nodes(real, weight_dtype)
     g.update({
         "latents": {"class_type": "LycorisTinyLatents", "inputs": {"model": ["loader", 0], "width": 128,
                                                                     "height": 128, "count": 1, "seed": 1}},
@@ -329,17 +355,23 @@ def test_flux1_train_job(comfy_server, flux1):
 
 
 def test_flux1_export_and_headless_run(comfy_server, flux1, tmp_path):
+    """Export from a graph that loads the file with weight_dtype fp8_e4m3fn: the job file says so, and
+    the headless run loads it so through core's Load Diffusion Model (it reports the dtype its linear
+    layers hold; a default load on a CPU holds float32) and trains in it."""
     node = {"class_type": "LycorisExportJob", "inputs": {**train_inputs("real_width/exported"),
                                                           "base_model": f"diffusion_models/{FLUX1.file}", "tiny_seed": 0}}
-    folder = Path(comfy_server.run(train_graph(FLUX1, node))["node"]["text"][0].splitlines()[0]
+    folder = Path(comfy_server.run(train_graph(FLUX1, node, "fp8_e4m3fn"))["node"]["text"][0].splitlines()[0]
                   .removeprefix("job written to "))
     job = json.loads((folder / "job.json").read_text())
     assert job["model"]["kind"] == "diffusion_model" and job["model"]["file"] == FLUX1.file
-    free(comfy_server)  # one 2.2 GB copy at a time
+    assert job["model"]["weight_dtype"] == "fp8_e4m3fn", job["model"]
+    free(comfy_server)  # one copy at a time
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
     done = subprocess.run([sys.executable, "-m", "trainer", "run", str(folder), "--loras", str(tmp_path)], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert "(weight_dtype fp8_e4m3fn)" in done.stdout, done.stdout[-2000:]
+    assert "base model loaded: linear weights float8_e4m3fn, computed in float32" in done.stdout, done.stdout[-2000:]
     written = sorted(tmp_path.rglob("*.safetensors"))
     assert len(written) == 1, (written, done.stdout[-2000:])
     assert_simpletuner_file(written[0], flux1)
@@ -357,3 +389,54 @@ def test_sdxl_load_apply_ab_merge(comfy_server, sdxl):
 
 def test_sdxl_train_job(comfy_server, sdxl):
     train_job(comfy_server, sdxl)
+
+
+# -- Flux 2 at Klein width (Load Diffusion Model): loaded where detection allows, else a clear refusal -------
+
+def assert_refused(server, loaded: Loaded, graph: dict) -> None:
+    """The prompt fails at the loader with ComfyUI's own message; no job starts; the server keeps serving."""
+    assert loaded.refusal, "this ComfyUI's detection refused the file, with a message"
+    jobs_before = len(server.get("/lycoris/jobs")["jobs"])
+    with pytest.raises(PromptError) as failed:
+        server.run(graph)
+    assert f"node loader ({loaded.real.loader}): " in str(failed.value), str(failed.value)
+    assert loaded.refusal in str(failed.value), (loaded.refusal, str(failed.value))
+    assert server.proc is not None and server.proc.poll() is None, "the server is still running"
+    assert server.get("/queue") == {"queue_running": [], "queue_pending": []}
+    assert len(server.get("/lycoris/jobs")["jobs"]) == jobs_before, "no training job was started"
+    after = server.run({"c": {"class_type": "LycorisConfig", "inputs": {"preset": loaded.real.preset,
+                                                                         "config_json": ""}},
+                        "p": {"class_type": "PreviewAny", "inputs": {"source": ["c", 0]}}})
+    assert after, "the next prompt runs"
+
+
+def test_flux2_klein_detected(comfy_server, flux2_klein):
+    if flux2_klein.refusal:  # 0.3.75: 48 heads assumed, so 3072 wide is a 64-wide head its rotary axes do not fit
+        import comfy.model_detection
+
+        layout = model_files.read_shapes(flux2_klein.path)
+        guessed = comfy.model_detection.model_config_from_unet(model_files.meta_state_dict(layout), "").unet_config
+        assert guessed["num_heads"] != FLUX2_KLEIN.detected["num_heads"], guessed
+        assert_refused(comfy_server, flux2_klein, sample_graph(FLUX2_KLEIN, prefix="refused"))
+    else:
+        detected(flux2_klein)
+
+
+def test_flux2_klein_load_apply_ab_merge(comfy_server, flux2_klein):
+    if flux2_klein.refusal:  # a user's Klein adapter in loras; the loader fails before Load LyCORIS runs
+        name = "real_width/klein_unused.safetensors"
+        (comfy_server.base / "models" / "loras" / name).parent.mkdir(parents=True, exist_ok=True)
+        save_file({"lycoris_transformer_blocks_0_attn_to_q.lora_down.weight": torch.zeros(8, 3072)},
+                  str(comfy_server.base / "models" / "loras" / name))
+        assert_refused(comfy_server, flux2_klein, sample_graph(FLUX2_KLEIN, name, prefix="refused_apply"))
+    else:
+        load_apply_ab_merge(comfy_server, flux2_klein)
+
+
+def test_flux2_klein_train_job(comfy_server, flux2_klein):
+    if flux2_klein.refusal:
+        node = {"class_type": "LycorisTrain", "inputs": {**train_inputs("real_width/klein_refused"), "resume": False}}
+        assert_refused(comfy_server, flux2_klein, train_graph(FLUX2_KLEIN, node))
+    else:
+        train_job(comfy_server, flux2_klein)
+

@@ -22,7 +22,7 @@ from comfyenv import REPO
 from comfyui_lycoris.core.config import parse_config
 from comfyui_lycoris.core.families import profile_for
 
-FLUX2_KLEIN = {"hidden": 3072, "heads": 24, "context_in_dim": 7680}  # Flux 2 Klein 4B's width
+_, _, FLUX2_KLEIN = mf.FILES["flux2_klein_width_1x1"]  # Flux 2 Klein 4B's width, as the tests' file
 
 
 def same_names(shapes: mf.Shapes) -> mf.Shapes:
@@ -69,16 +69,23 @@ def test_flux_layouts_load_as_comfyui_detects_them(layout, family, preset, param
 
 def test_flux2_klein_width_needs_a_newer_comfyui():
     """0.3.75's detection fixes 48 heads for Flux 2, so 3072 wide means a head dim of 64 that its rotary
-    axes (4 x 32) do not fit; a ComfyUI that reads the head count from the file loads it."""
+    axes (4 x 32) do not fit; a ComfyUI that reads the head count from the file (v0.33: hidden / 128)
+    loads it, and its model then has exactly the file's keys (Klein: no guidance embedder)."""
     import comfy.model_detection
 
     layout = mf.flux2_shapes(**FLUX2_KLEIN)
+    assert mf.parameters(layout) == 563_086_080 and "guidance_in.in_layer.weight" not in layout
     guessed = comfy.model_detection.model_config_from_unet(mf.meta_state_dict(layout), "").unet_config
     if guessed["num_heads"] == 48:
         with pytest.raises(ValueError, match="positional dim 64"):
             mf.detected_unet_config(layout)
     else:
-        assert mf.detected_unet_config(layout)["num_heads"] == 24
+        config = mf.detected_unet_config(layout)
+        assert {k: config[k] for k in ("image_model", "hidden_size", "num_heads", "context_in_dim", "guidance_embed")} \
+            == {"image_model": "flux2", "hidden_size": 3072, "num_heads": 24, "context_in_dim": 7680,
+                "guidance_embed": False}
+        assert same_names(comfy_model_shapes(layout)) == same_names(layout), "ComfyUI's model has the file's keys"
+        assert profile_for(config).name == "flux2" and lycoris_modules_have_routes(config, "flux2_lokr") > 0
 
 
 @pytest.mark.parametrize("variant, params", [("segmind_vega", 745_225_604), ("sdxl", 2_567_463_684)])
