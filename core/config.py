@@ -654,12 +654,6 @@ def _semantic_warnings(values: dict, data: dict, algo: str, linear_dim: int, pre
         if key in values:
             warnings.append(f"{key}: create_lycoris does not pass it on from the top level (LyCORIS 4.1.3); "
                             "set it per target in apply_preset.module_algo_map / name_algo_map")
-    scalar = values.get("use_scalar") or any(e.get("use_scalar") for t in (preset.module_algo_map, preset.name_algo_map)
-                                              for e in t.values())
-    if scalar:
-        warnings.append("use_scalar: this pack trains the scalar folded into the first factor (lora_up, lokr_w1, "
-                        "hada_w1_a), as LyCORIS saves it, not as a parameter of its own: training starts from the "
-                        "same zero delta as in SimpleTuner but takes other steps")
     groups = [f"{where}.{name}" for where, table in (("module_algo_map", preset.module_algo_map),
                                                       ("name_algo_map", preset.name_algo_map))
               for name, entry in table.items() if entry.get("mask_group_id", 0) != 0]

@@ -17,7 +17,7 @@ from ..core.paths import PathNameError
 from ..core.tiny import TinySizes
 from ..trainer.job_folders import reserve_folder
 from ..trainer.jobfile import JobFileError, ModelRef, write_job
-from .train_nodes import TrainLycoris, check_submission, job_spec, output_name_problem
+from .train_nodes import TrainLycoris, check_submission, init_lora_path, job_spec, output_name_problem
 from .types import TRAIN_CATEGORY, LycorisValidation
 
 TINY = "tiny (rebuilt from its recipe)"
@@ -63,8 +63,10 @@ def _file_ref(model, base_model: str) -> ModelRef:
     if folder not in _FILE_KINDS or not name:
         raise ValueError(f"base_model: '{base_model}' is not '{TINY}' or a file of {', '.join(_FILE_KINDS)}")
     path = folder_paths.get_full_path_or_raise(folder, name)
+    # Load Diffusion Model's weight_dtype (fp8...) as read from the loaded model: the headless run loads it so too
+    weight_dtype = host.model_weight_dtype(model) if folder == "diffusion_models" else "default"
     return ModelRef(_FILE_KINDS[folder], file=name, path=str(Path(path).resolve()),
-                    architecture=architecture_key(host.model_unet_config(model)))
+                    architecture=architecture_key(host.model_unet_config(model)), weight_dtype=weight_dtype)
 
 
 def _job_folder(name: str) -> Path:
@@ -86,7 +88,8 @@ class ExportLycorisJob(io.ComfyNode):
             category=TRAIN_CATEGORY,
             description=(
                 "Writes a self-contained training job folder to output/lycoris_jobs/<output_name>: job.json (the "
-                "same settings as Train LyCORIS and a reference to the base model), the cached dataset (latents and "
+                "same settings as Train LyCORIS and a reference to the base model: its file and the weight_dtype Load "
+                "Diffusion Model loaded it with), the cached dataset (latents and "
                 "conditioning as safetensors). Train it without a server: `python -m trainer run <folder>`, or on "
                 "several GPUs: `torchrun --nproc_per_node=8 -m trainer run <folder>` (from the pack's folder)."
             ),
@@ -94,7 +97,9 @@ class ExportLycorisJob(io.ComfyNode):
                 *_training_inputs(),
                 io.Combo.Input("base_model", options=_base_models(), default=TINY,
                                tooltip="The file the connected model was loaded from (models/diffusion_models or "
-                                       "models/checkpoints), or the tiny recipe for a Tiny Model (LyCORIS dev)."),
+                                       "models/checkpoints), or the tiny recipe for a Tiny Model (LyCORIS dev). "
+                                       "A diffusion model's weight_dtype (e.g. fp8_e4m3fn) is read from the "
+                                       "connected model and used by the headless run."),
                 io.Int.Input("tiny_seed", default=0, min=0, max=2**31 - 1,
                              tooltip="With the tiny recipe: the Tiny Model node's seed (checked against the model)."),
                 LycorisValidation.Input("validation", optional=True,
@@ -126,6 +131,10 @@ class ExportLycorisJob(io.ComfyNode):
         folder = _job_folder(output_name)  # refuses a folder that leads outside before any work
         try:
             reference = _tiny_ref(model, tiny_seed) if base_model == TINY else _file_ref(model, base_model)
+            if spec.init_lora:  # the job folder carries its init file (<job>/loras/<init_lora>); job.json comes last
+                copy = folder / "loras" / spec.init_lora
+                copy.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(init_lora_path(spec.init_lora), copy)
             write_job(folder, spec, dataset, reference, name=output_name, validation=validation)
         except BaseException as err:
             shutil.rmtree(folder, ignore_errors=True)  # the folder was made for this export only

@@ -20,6 +20,7 @@ from ..core.paths import resolve_inside
 from ..core.targets import plan_for
 from ..trainer.checkpoint import list_checkpoints
 from ..trainer.data import DatasetError, encoded_set, folder_items, from_latent_batch, load_image, split_captions
+from ..trainer.init_lora import InitLoraError, check_init_file
 from ..trainer.job_folders import newest_folder, reserve_folder
 from ..trainer.jobs import ACTIVE
 from ..trainer.loop import Folders, run_training
@@ -143,9 +144,27 @@ class FolderDataset(io.ComfyNode):
         return io.NodeOutput(data, ui=ui.PreviewText(f"{len(data)} items from {folder}"))
 
 
+NO_INIT = "none"  # init_lora: start from LyCORIS's own init
+
+
+def _init_lora_files() -> list[str]:
+    return [NO_INIT, *(f for f in folder_paths.get_filename_list("loras") if f.lower().endswith(".safetensors"))]
+
+
+def init_lora_path(name: str) -> Path:
+    """The file `init_lora` names in ComfyUI's loras folder(s) (core.paths rules); a node error if there is none."""
+    for root in folder_paths.get_folder_paths("loras"):
+        path = resolve_inside(root, name, "init_lora", new=False, where="the loras folder")
+        if path.is_file():
+            return path
+    raise ValueError(f"init_lora: {name} is not in the loras folder")
+
+
 def job_spec(label: str, config, **training) -> JobSpec:
     """The JobSpec of a training node's inputs (the JobSpec fields it has, by name); a bad value is a node
     error naming the field."""
+    if training.get("init_lora") == NO_INIT:
+        training["init_lora"] = ""
     try:
         parse_config(config.to_json())
         return JobSpec(config.to_json(), **training)
@@ -156,9 +175,12 @@ def job_spec(label: str, config, **training) -> JobSpec:
 def check_submission(label: str, config, model, dataset, spec: JobSpec) -> list[str]:
     """Preflight of a training submission against its model and data: warnings, or a node error naming the field."""
     try:
-        return preflight(config, host.model_unet_config(model), dataset, spec,
-                         latent_channels=host.latent_layout(model)[0])
-    except PreflightError as err:
+        warnings = preflight(config, host.model_unet_config(model), dataset, spec,
+                             latent_channels=host.latent_layout(model)[0])
+        if spec.init_lora:
+            check_init_file(init_lora_path(spec.init_lora), plan_for(config, host.model_unet_config(model)))
+        return warnings
+    except (PreflightError, InitLoraError) as err:
         raise ValueError(f"{label}: {err}") from None
 
 
@@ -303,6 +325,26 @@ class TrainLycoris(io.ComfyNode):
                                tooltip="On a non-finite loss: stop (keeping the last good checkpoint) or skip the step."),
                 io.String.Input("output_name", default="lycoris/trained",
                                 tooltip="Adapter file name in models/loras (and the checkpoint folder name)."),
+                io.Combo.Input("init_lora", options=_init_lora_files(), default=NO_INIT, optional=True,
+                               tooltip="Start from this LyCORIS file in models/loras (SimpleTuner's --init_lora) "
+                                       "instead of a fresh init; it must fit the config (same algo, dims and "
+                                       "targets), else the prompt is refused naming the first key that differs."),
+                io.Float.Input("ema_decay", default=0.0, min=0.0, max=0.9999, step=0.0001, round=0.0001,
+                               optional=True,
+                               tooltip="Keep an EMA of the adapter (SimpleTuner's --use_ema / --ema_decay; its "
+                                       "default is 0.995) and save it as ema/<name>.safetensors beside the adapter. "
+                                       "0 = off. Kept in float32 on the CPU."),
+                io.Int.Input("ema_update_interval", default=1, min=1, max=100_000, optional=True,
+                             tooltip="Update the EMA every N optimizer steps (SimpleTuner's --ema_update_interval)."),
+                io.String.Input("trigger_words", default="", optional=True,
+                                tooltip="Comma-separated trigger words, written into the saved files' metadata as "
+                                        "SimpleTuner does (trained_words, with ModelSpec title and architecture)."),
+                io.Float.Input("init_lokr_norm", default=0.0, min=0.0, max=10.0, step=1e-4, round=1e-6, optional=True,
+                               tooltip="LoKr's perturbed-normal init (SimpleTuner's --init_lokr_norm; good values "
+                                       "1e-4 to 1e-2): lokr_w1 = 1 and lokr_w2 = a normal draw with the base "
+                                       "weight's norm, std and mean, times this. Needs algo lokr with full_matrix "
+                                       "true. 0 = off (LyCORIS's own init). Dropouts come from the config "
+                                       "(dropout, rank_dropout, module_dropout)."),
                 LycorisValidation.Input("validation", optional=True,
                                         tooltip="From LyCORIS Validation: previews while training."),
                 io.Boolean.Input("resume", default=False,
@@ -318,7 +360,8 @@ class TrainLycoris(io.ComfyNode):
         spec = job_spec("Train LyCORIS", config, **training)
         warnings = check_submission("Train LyCORIS", config, model, dataset, spec)
         folder, note = job_folder(spec.output_name, resume, spec.steps)
-        folders = Folders(folder, Path(folder_paths.get_folder_paths("loras")[0]))
+        folders = Folders(folder, Path(folder_paths.get_folder_paths("loras")[0]),
+                          init_lora_path(spec.init_lora) if spec.init_lora else None)
         work = functools.partial(_train, spec, spec.output_name, model, dataset, folders, resume, warnings, validation)
         job = job_service.queue().submit(spec, work, name=spec.output_name, folder=folder)
         _submissions.submitted({"model": model, "dataset": dataset, "config": config, "resume": resume, **training},

@@ -3,7 +3,8 @@
 A checkpoint holds everything a resume needs: the adapter tensors (LyCORIS names, T-LoRA base
 included), the optimizer state (its tensors as safetensors entries, everything else as JSON in
 the metadata), the step, RNG states (torch CPU, CUDA when in use, and named generators such as
-the trainer's noise generator, each as a uint8 tensor), the job spec and free-form JSON extras.
+the trainer's noise generator, each as a uint8 tensor), the job spec and free-form JSON extras;
+when the job keeps one, the adapter's EMA (`ema.` tensors), and ModelSpec keys in the metadata.
 Nothing is unpickled on load, so a checkpoint from elsewhere cannot run code.
 
 Every checkpoint carries a sha256 checksum of each tensor (its name, dtype, shape and raw bytes)
@@ -62,6 +63,8 @@ class TrainingState:
     job: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # filled by load_checkpoint (e.g. "no checksum"); never saved
+    ema: dict[str, torch.Tensor] = field(default_factory=dict)  # the adapter's EMA shadow (trainer.ema), if kept
+    file_metadata: dict[str, str] = field(default_factory=dict)  # extra safetensors metadata (ModelSpec keys)
 
 
 @dataclass
@@ -215,8 +218,12 @@ def _contents(state: TrainingState) -> tuple[dict[str, torch.Tensor], dict[str, 
     tensors: dict[str, torch.Tensor] = {f"adapter.{k}": v for k, v in state.adapter.items()}
     optimizer = _encode(state.optimizer, "optimizer", tensors)
     tensors.update({f"rng.{k}": v for k, v in state.rng.items()})
+    tensors.update({f"ema.{k}": v for k, v in state.ema.items()})
+    reserved = sorted(k for k in state.file_metadata if k in (FORMAT_KEY, CHECKSUM_KEY, *_META_KEYS))
+    if reserved:
+        raise CheckpointError(f"checkpoint: metadata key {reserved[0]!r} is the checkpoint's own")
     try:
-        metadata = {FORMAT_KEY: FORMAT_VERSION, "step": str(int(state.step)), "optimizer": json.dumps(optimizer),
+        metadata = {**state.file_metadata, FORMAT_KEY: FORMAT_VERSION, "step": str(int(state.step)), "optimizer": json.dumps(optimizer),
                     "rng": json.dumps(sorted(state.rng)), "job": json.dumps(state.job),
                     "extra": json.dumps(state.extra)}
     except (TypeError, ValueError) as err:
@@ -392,8 +399,10 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "
     adapter = {k[len("adapter."):]: v for k, v in tensors.items() if k.startswith("adapter.")}
     if not adapter:
         raise CheckpointError(f"{path.name}: no adapter tensors")
+    ema = {k[len("ema."):]: v for k, v in tensors.items() if k.startswith("ema.")}
+    extra_meta = {k: v for k, v in metadata.items() if k not in (FORMAT_KEY, CHECKSUM_KEY, *_META_KEYS)}
     return TrainingState(int(metadata["step"]), adapter, optimizer, {n: tensors[f"rng.{n}"] for n in rng_names},
-                         _json(path, metadata, "job"), _json(path, metadata, "extra"), notes)
+                         _json(path, metadata, "job"), _json(path, metadata, "extra"), notes, ema, extra_meta)
 
 
 def final_adapter(folder: str | os.PathLike[str], output_name: str, steps: int) -> Path | None:

@@ -22,9 +22,10 @@ from typing import Any, Protocol
 import torch
 
 from ..core import host
-from ..core.adapter_file import adapter_metadata, free_adapter_name, write_adapter
+from ..core.adapter_file import PACK_PREFIX, adapter_metadata, free_adapter_name, write_adapter
 from ..core.config import parse_config
 from ..core.dtypes import TORCH_DTYPES
+from ..core.modelspec import modelspec_metadata, title_for
 from ..core.targets import plan_for
 from .checkpoint import (
     TrainingState,
@@ -38,6 +39,8 @@ from .checkpoint import (
 from .checkpointing import memory_mode
 from .data import TrainingSet
 from .distributed import World
+from .ema import EMA_FOLDER, AdapterEMA
+from .init_lora import InitLoraError, load_init_lora
 from .jobs import JobCancelled, JobStopped
 from .objectives import Objective
 from .optimizers import build_optimizer
@@ -68,6 +71,7 @@ class Reporter(Protocol):
 class Folders:
     checkpoints: Path  # this run's checkpoints (the run owns the folder)
     adapters: Path  # where the final adapter file goes (models/loras)
+    init_lora: Path | None = None  # the file `spec.init_lora` names, found by the caller (None: not found)
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,12 @@ class _Run:
     validation: Validation | None = None
     step: int = 0
     checkpoint: str | None = None
+    ema: AdapterEMA | None = None  # main process only (trainer.ema)
+    resumed_ema: dict | None = None  # the EMA shadow of the checkpoint resumed from
+
+
+def _modelspec(run: _Run, step: int) -> dict[str, str]:
+    return modelspec_metadata(run.trainable.family, title_for(run.spec.output_name), step, run.spec.trigger_words)
 
 
 def training_step(predict: ComfyPredictor, objective: Objective, batches: list[Batch], optimizer: torch.optim.Optimizer,
@@ -131,8 +141,10 @@ def _next_batch(data: TrainingSet, items: list[tuple], order, generator: torch.G
 def _checkpoint(run: _Run, step: int) -> Path:
     path = run.folders.checkpoints / checkpoint_name(step)
     if run.world.is_main:  # one writer per folder; the state is the same on every rank
-        state = TrainingState(step, run.trainable.state_dict(), run.optimizer.state_dict(),
-                              capture_rng({"data": run.generator}), {"spec": run.spec.to_json()})
+        state = TrainingState(step, run.trainable.training_state(), run.optimizer.state_dict(),
+                              capture_rng({"data": run.generator}), {"spec": run.spec.to_json()},
+                              ema=run.ema.state_dict() if run.ema is not None else {},
+                              file_metadata=_modelspec(run, step))
         path = save_checkpoint(run.folders.checkpoints, state, keep_last=run.spec.keep_last)
     run.world.barrier()
     run.checkpoint = str(path)
@@ -157,6 +169,7 @@ def _resume(run: _Run, resume: bool) -> int:
     run.trainable.load_state_dict(state.adapter)
     run.optimizer.load_state_dict(state.optimizer)
     restore_rng(state.rng, {"data": run.generator})
+    run.resumed_ema = state.ema
     run.checkpoint = str(point.path)
     run.reporter.publish(run.trainable.to_loaded(f"{run.name}@{state.step}", run.config), str(point.path))
     notes = "".join(f"; {note}" for note in point.notes)
@@ -169,10 +182,41 @@ def _final_file(run: _Run) -> Path:
     written = ""
     if run.world.is_main:  # rank 0 writes (atomically); the others wait for its path
         name = free_adapter_name(folder, spec.output_name, "output_name")
-        metadata = adapter_metadata(run.config.to_json(), run.trainable.family, run.config.algo,
-                                    {"steps": run.step, "seed": spec.seed, "multiplier": run.config.multiplier})
-        written = str(write_adapter(folder, name, run.trainable.state_dict(), metadata))
+        extra = {"steps": run.step, "seed": spec.seed, "multiplier": run.config.multiplier,
+                 "init_lora": spec.init_lora or None}
+        metadata = {**adapter_metadata(run.config.to_json(), run.trainable.family, run.config.algo, extra),
+                    **_modelspec(run, run.step)}
+        state = run.trainable.state_dict()
+        written = str(write_adapter(folder, name, state, metadata))
+        if run.ema is not None:  # SimpleTuner's layout: <folder of the file>/ema/<same name>
+            head, _, tail = name.rpartition("/")
+            ema_meta = {**metadata, f"{PACK_PREFIX}ema_decay": str(spec.ema_decay),
+                        f"{PACK_PREFIX}ema_update_interval": str(spec.ema_update_interval)}
+            averaged = run.ema.saved_form(run.trainable.named_parameters(), run.trainable.state_dict)
+            write_adapter(folder, "/".join(p for p in (head, EMA_FOLDER, tail) if p), averaged, ema_meta,
+                          overwrite=True, input_name="output_name")
     return Path(run.world.broadcast_text(written))
+
+
+def _start_ema(run: _Run, start: int) -> None:
+    """Take the init file before step 0, then start the EMA (main process): from the checkpoint's shadow when
+    resuming, else from the adapter as it is now."""
+    spec = run.spec
+    if start == 0 and spec.init_lora:
+        if run.folders.init_lora is None:
+            raise JobStopped(f"init_lora: {spec.init_lora} not found in the loras folder")
+        try:
+            taken = load_init_lora(run.folders.init_lora, run.trainable)
+        except InitLoraError as err:
+            raise JobStopped(str(err)) from None
+        run.reporter.say(f"init_lora: started from {spec.init_lora} ({taken} tensors)")
+    if spec.ema_decay <= 0 or not run.world.is_main:
+        return
+    run.ema = AdapterEMA(run.trainable.named_parameters(), spec.ema_decay, spec.ema_update_interval)
+    if start > 0 and run.resumed_ema:
+        run.ema.load_state_dict(run.resumed_ema)
+    elif start > 0:
+        run.reporter.say(f"ema: the checkpoint of step {start} holds no EMA; it starts from the resumed adapter")
 
 
 def _validate(run: _Run, step: int, adapter: Any = None) -> None:
@@ -210,11 +254,12 @@ def _run_training(spec: JobSpec, name: str, patcher: Any, data: TrainingSet, fol
     plan = plan_for(config, unet_config)
     trainable = TrainableAdapter.from_plan(plan, unet_config, comfy_base_weights(patcher.model.diffusion_model), config,
                                            seed=spec.seed, dtype=TORCH_DTYPES[spec.dtype], device=device,
-                                           init_device=device)
+                                           init_device=device, init_lokr_norm=spec.init_lokr_norm)
     optimizer = build_optimizer(spec, trainable.parameters())
     generator = torch.Generator().manual_seed(spec.seed)
     run = _Run(spec, name, reporter, trainable, optimizer, generator, folders, config, world, patcher, validation)
     start = _resume(run, resume)
+    _start_ema(run, start)
     world.sync_start(start, trainable.parameters())
     if start >= spec.steps:
         return Outcome(None, start, f"already complete: step {start} of {spec.steps}; nothing changed")
@@ -229,7 +274,7 @@ def _run_training(spec: JobSpec, name: str, patcher: Any, data: TrainingSet, fol
                  for k, v in encode_conditioning(patcher.model, data.empty_conditioning, items[0][0], spec.guidance).items()}
     order = data.batches(spec.batch_size, spec.seed, start=start * spec.grad_accumulation)  # resume: same order
     # LyCORIS trains with the config's multiplier on every module's output (SimpleTuner passes it on).
-    predict = ComfyPredictor(patcher.model, trainable, strength=config.multiplier)
+    predict = ComfyPredictor(patcher.model, trainable, strength=config.multiplier, generator=generator)
     run.step = start
     if start == 0:
         _validate(run, 0)
@@ -252,6 +297,8 @@ def _run_training(spec: JobSpec, name: str, patcher: Any, data: TrainingSet, fol
                 raise JobStopped(f"step {step + 1}: {result.message}{kept}")
             reporter.say(f"step {step + 1} skipped: {result.message}")
         run.step = step + 1
+        if run.ema is not None:
+            run.ema.update(step + 1, trainable.named_parameters())
         reporter.report(step + 1, result.loss if math.isfinite(result.loss) else float("nan"), lr)
         if (step + 1) % spec.save_every == 0 and step + 1 < spec.steps:
             _checkpoint(run, step + 1)

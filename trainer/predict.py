@@ -101,18 +101,26 @@ class ComfyPredictor:
     The trainable adapter is applied through the runtime's bypass hooks (installed here, inert
     outside a call state) with a fresh call state per call: strength `strength` and, for T-LoRA,
     each sample's rank mask from `timesteps`. `cond` is `encode_conditioning`'s dict.
+    LyCORIS's dropouts (config `dropout` / `rank_dropout` / `module_dropout`) are drawn per call from
+    `generator` (the job's, checkpointed with it); only this training call applies them.
     """
 
-    def __init__(self, base_model: Any, trainable: TrainableAdapter, strength: float = 1.0):
+    def __init__(self, base_model: Any, trainable: TrainableAdapter, strength: float = 1.0,
+                 generator: torch.Generator | None = None):
+        if trainable.dropouts and generator is None:
+            raise ValueError("generator: a config with dropouts needs the job's generator to draw them")
         self.base_model = base_model
         self.trainable = trainable
         self.strength = strength
+        self.generator = generator
         install_hooks(base_model.diffusion_model, trainable.comfy_modules())
 
     def __call__(self, model_input: torch.Tensor, sigma: torch.Tensor, cond: Mapping[str, Any],
                  timesteps: torch.Tensor) -> torch.Tensor:
         app = self.trainable.application(self.strength)
-        state = build_call_state([app], model_input.shape[0], 1, timesteps if app.tlora is not None else None)
+        draws = self.trainable.draw_dropouts(self.generator) if self.trainable.dropouts else None
+        state = build_call_state([app], model_input.shape[0], 1, timesteps if app.tlora is not None else None,
+                                 draws=draws)
         captured: list[torch.Tensor] = []
 
         def capture(executor, *args, **kwargs):

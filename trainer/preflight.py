@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from ..core.config import ConfigError, LycorisConfig, parse_config
+from ..core.dropout import DropoutError, DropoutSettings
 from ..core.families import profile_for
 from ..core.lycoris_modules import adapter_param_shapes
 from ..core.plan_report import size_text
@@ -231,6 +232,37 @@ def _batch_warnings(data: Any, spec: Any) -> list[str]:
     return []
 
 
+def _train_option_errors(plan: Plan, config: LycorisConfig, shapes: dict[str, dict], spec: Any) -> list[str]:
+    """Train options the plan cannot take: init_lokr_norm on a module without full lokr_w1 / lokr_w2
+    (SimpleTuner's init fails there too), dropouts LyCORIS or this trainer cannot apply to a module."""
+    errors = []
+    scale = float(getattr(spec, "init_lokr_norm", 0.0) or 0.0)
+    if scale:
+        wrong = [t for t in plan.targets if t.algo != "lokr"]
+        if wrong:
+            errors.append(f"init_lokr_norm: LoKr's perturbed-normal init needs algo 'lokr'; {wrong[0].lora_name} "
+                          f"is '{wrong[0].algo}' ({len(wrong)} such modules)")
+        else:
+            split = [t for t in plan.targets if not {"lokr_w1", "lokr_w2"} <= set(shapes[t.lora_name])]
+            if split:
+                errors.append(f"init_lokr_norm: {split[0].lora_name} has a factorised LoKr half; the perturbed-"
+                              "normal init sets full lokr_w1 and lokr_w2: use full_matrix true")
+    names = ("dropout", "rank_dropout", "module_dropout")
+    values = [float(config.keywords.get(k) or 0.0) for k in names]
+    for target in plan.targets:
+        own = [k for k in names if k in target.module_kwargs]
+        if own:
+            errors.append(f"apply_preset ({target.owner_class}).{own[0]}: LyCORIS takes dropouts at the top level "
+                          "of the config only (create_lycoris fails on a per-target value)")
+            break
+        try:
+            DropoutSettings(target.algo, *values)
+        except DropoutError as err:
+            errors.append(f"{err} ({target.lora_name})")
+            break
+    return errors
+
+
 def review(config: LycorisConfig | str | Mapping[str, Any], unet_config: dict, data: Any = None, spec: Any = None,
            latent_channels: int | None = None, plan: Plan | None = None) -> Review:
     """All findings of `preflight`, as lists. Raises PreflightError only when no plan can be made
@@ -249,7 +281,7 @@ def review(config: LycorisConfig | str | Mapping[str, Any], unet_config: dict, d
     errors, warnings, params = _size_findings(plan, config, shapes, model_params, bytes_per_param,
                                                profile.display_name)
     rank_errors, rank_warnings = _rank_findings(plan, config)
-    errors += rank_errors
+    errors += rank_errors + _train_option_errors(plan, config, shapes, spec)
     warnings = [*plan.warnings, *rank_warnings, *_lokr_clamp_warnings(plan, config, shapes), *warnings]
     if data is not None:
         channels = int(latent_channels or LATENT_CHANNELS[profile.name])

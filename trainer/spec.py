@@ -36,6 +36,19 @@ def check_output_name(output_name: object, input_name: str = "output_name") -> s
         raise SpecError(str(err)) from None
 
 
+def check_init_lora(init_lora: object) -> str:
+    """The clean `init_lora` name ("" = none): a `.safetensors` file named relative to the loras folder
+    (core.paths rules); SpecError naming the input if not."""
+    if init_lora == "":
+        return ""
+    if not isinstance(init_lora, str) or not init_lora.lower().endswith(".safetensors"):
+        raise SpecError(f"init_lora: only .safetensors files are read (got {init_lora!r})")
+    try:
+        return safe_relative_name(init_lora, "init_lora", ".safetensors", new=False) + ".safetensors"
+    except PathNameError as err:
+        raise SpecError(str(err)) from None
+
+
 @dataclass(frozen=True)
 class JobSpec:
     config_json: str  # the LyCORIS config (SimpleTuner format)
@@ -58,6 +71,11 @@ class JobSpec:
     guidance: float = 1.0  # guidance input for guidance-distilled Flux models during training
     flow_shift: float = 3.0  # Flux sigma shift; 0 = resolution dependent
     min_snr_gamma: float = 0.0  # SDXL min-SNR weighting, 0 = off
+    init_lora: str = ""  # a LyCORIS file in the loras folder whose tensors start training ("" = LyCORIS's init)
+    ema_decay: float = 0.0  # EMA of the adapter, saved beside it (0 = off; SimpleTuner's default when on: 0.995)
+    ema_update_interval: int = 1  # fold the adapter into the EMA every N optimizer steps (SimpleTuner's)
+    trigger_words: str = ""  # written as ModelSpec `trained_words` (comma-separated)
+    init_lokr_norm: float = 0.0  # SimpleTuner's --init_lokr_norm: LoKr's perturbed-normal init at this scale (0 = off)
 
     def __post_init__(self) -> None:
         checks = [
@@ -78,6 +96,15 @@ class JobSpec:
             if not ok:
                 raise SpecError(f"{name}: {message} (got {getattr(self, name)!r})")
         check_output_name(self.output_name)
+        if isinstance(self.init_lokr_norm, bool) or not isinstance(self.init_lokr_norm, (int, float)) \
+                or not math.isfinite(self.init_lokr_norm) or self.init_lokr_norm < 0:
+            raise SpecError(f"init_lokr_norm: must be 0 (off) or a positive number (got {self.init_lokr_norm!r})")
+        check_init_lora(self.init_lora)
+        ema = [("ema_decay", 0 <= self.ema_decay < 1, "must be 0 (off) or more and below 1"),
+               ("ema_update_interval", self.ema_update_interval >= 1, "must be at least 1")]
+        for name, ok, message in ema:
+            if not ok:
+                raise SpecError(f"{name}: {message} (got {getattr(self, name)!r})")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

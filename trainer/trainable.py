@@ -11,6 +11,10 @@ optimizer updates exactly what gets saved.
 The runtime uses these modules directly: it never moves or casts an adapter's own tensors (it
 reads placed copies), and tensors that require grad are cast per call and never cached, so the
 optimizer's leaves stay the saved tensors and no tensor of an earlier step's graph is reused.
+
+As in LyCORIS: `use_scalar` trains a `scalar` (0 at first) beside unscaled factors and the file
+gets the factor times the scalar (`custom_state_dict`); dropouts apply in training calls only
+(`core.dropout`); SimpleTuner's `init_lokr_norm` runs on LyCORIS's module (`trainer.lokr_init`).
 """
 
 from __future__ import annotations
@@ -24,17 +28,19 @@ import torch
 from ..core.adapter_set import LoadedAdapter, architecture_key
 from ..core.adapters import LayerSpec, ModuleAdapter, parse_module
 from ..core.config import LycorisConfig
+from ..core.dropout import DropoutError, DropoutSettings, ModuleDraw
 from ..core.families.base import take_rows
 from ..core.lycoris_modules import build_adapter
 from ..core.runtime import Application, ModuleBinding, TLoraSchedule
 from ..core.targets import Plan, PlannedTarget, skeleton_for
+from .lokr_init import LokrInitError, check_lokr_norm, init_lokr_norm
 
 # Saved tensors that are settings or frozen references, never optimised.
 FROZEN_KEYS = frozenset({"alpha", "on_input", "base_q", "base_p", "base_lambda"})
 # Saved tensors that fix the module's math at parse time: a checkpoint must agree on them.
 _FIXED_KEYS = frozenset({"alpha", "on_input"})
 _TLORA_BASE = ("base_q", "base_p", "base_lambda")
-_IGNORED_KWARGS = ("dropout", "rank_dropout", "module_dropout")
+_DROPOUTS = ("dropout", "rank_dropout", "module_dropout")
 
 BaseWeight = Callable[[PlannedTarget], torch.Tensor]
 
@@ -78,8 +84,12 @@ def _seeded(seed: int, device: torch.device) -> Iterator[None]:
 
 
 def lycoris_initial_params(target: PlannedTarget, layer: torch.nn.Module, base: torch.Tensor, seed: int,
-                           init_device: torch.device) -> dict[str, torch.Tensor]:
-    """The tensors LyCORIS initialises for `target` and saves (T-LoRA: plus its frozen SVD base)."""
+                           init_device: torch.device, lokr_norm: float = 0.0) -> dict[str, torch.Tensor]:
+    """The tensors LyCORIS initialises for `target` and saves (T-LoRA: plus its frozen SVD base).
+
+    `lokr_norm` > 0: then SimpleTuner's `init_lokr_norm` on the module, from the same seeded stream.
+    With use_scalar the factors are LyCORIS's parameters as they are (unscaled) plus `scalar`.
+    """
     weight = base.detach().to(device=init_device, dtype=torch.float32, copy=True)
     if tuple(weight.shape) != tuple(target.weight_shape):
         raise TrainerError(f"{target.lora_name}: base weight shape {tuple(weight.shape)} is not the planned "
@@ -87,11 +97,28 @@ def lycoris_initial_params(target: PlannedTarget, layer: torch.nn.Module, base: 
     stand_in = _stand_in(layer, weight)
     with _seeded(seed ^ zlib.crc32(target.lora_name.encode()), init_device):
         module = build_adapter(target, stand_in)
+        if lokr_norm:
+            try:
+                check_lokr_norm(target.algo, target.lora_name, module)
+            except LokrInitError as err:
+                raise TrainerError(str(err)) from None
+            init_lokr_norm(module, lokr_norm)
     module.apply_to()  # LyCORIS saves applied modules (FullModule's diff is only right after apply_to)
     params = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    if isinstance(getattr(module, "scalar", None), torch.nn.Parameter):  # use_scalar: train as LyCORIS does
+        own = dict(module.named_parameters())
+        params = {k: (own[k] if k in own else v).detach().clone() for k, v in params.items()}
+        params["scalar"] = module.scalar.detach().clone()
     if target.algo == "tlora":  # LyCORIS saves no base; storing it makes a reload exact and SVD-free
         params.update({k: getattr(module, k).detach().clone() for k in _TLORA_BASE})
     return params
+
+
+def _check_target_dropouts(target: PlannedTarget) -> None:
+    own = [k for k in _DROPOUTS if k in target.module_kwargs]
+    if own:
+        raise TrainerError(f"apply_preset ({target.owner_class}).{own[0]}: LyCORIS takes dropouts at the top level "
+                           "of the config only (its module constructor fails on a per-target value)")
 
 
 def _make_trainable(adapter: ModuleAdapter, device: torch.device, dtype: torch.dtype) -> None:
@@ -122,33 +149,71 @@ class TrainableAdapter:
                          for t in plan.targets}
         self.tlora = (TLoraSchedule(config.tlora_min_rank, config.tlora_alpha, config.linear_dim)
                       if any(t.algo == "tlora" for t in plan.targets) else None)
+        self.dropouts = self._dropout_settings()
+
+    def _dropout_settings(self) -> dict[str, DropoutSettings]:
+        """Per target path, the dropouts its LyCORIS module trains with (create_lycoris passes the config's
+        top-level values to every module; rank_dropout_scale and bypass_mode come per target)."""
+        out = {}
+        for target in self.plan.targets:
+            _check_target_dropouts(target)
+            kwargs = target.module_kwargs
+            try:
+                settings = DropoutSettings(target.algo, *(float(self.config.keywords.get(k) or 0.0) for k in _DROPOUTS),
+                                           rank_dropout_scale=bool(kwargs.get("rank_dropout_scale", False)),
+                                           bypass=bool(kwargs.get("bypass_mode", False)))
+            except DropoutError as err:
+                raise TrainerError(f"{err} ({target.lora_name})") from None
+            self.warnings += [n for n in settings.unapplied() if n not in self.warnings]
+            if settings.active:
+                out[target.path] = settings
+        return out
+
+    def draw_dropouts(self, generator: torch.Generator) -> dict[str, ModuleDraw]:
+        """This model call's dropout draws, per target path in plan order, each module seeded from `generator`.
+
+        Nothing is drawn without dropouts, so such a run's random stream is what it was without this feature."""
+        draws = {}
+        for target in self.plan.targets:
+            settings = self.dropouts.get(target.path)
+            if settings is None:
+                continue
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+            adapter = self.modules[target.path]
+            draws[target.path] = ModuleDraw.draw(settings, seed, adapter.layer.out_features,
+                                                 getattr(adapter, "dim", None))
+        return draws
 
     @classmethod
     def from_plan(cls, plan: Plan, unet_config: dict, base_weight: BaseWeight, config: LycorisConfig, *,
                   seed: int = 0, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                  init_device: str | torch.device = "cpu") -> TrainableAdapter:
+                  init_device: str | torch.device = "cpu", init_lokr_norm: float = 0.0) -> TrainableAdapter:
         """LyCORIS-initialised trainable modules for `plan` (`base_weight(target)`: the diffusers-layer weight).
 
         `init_device` is where LyCORIS's init runs (T-LoRA's SVD is slow on a CPU for big layers);
         `dtype`/`device` are the trainable (master) tensors'. Only algorithms whose effect is linear
         in the strength train here (the runtime's bypass path); others are an error naming the module.
+        `init_lokr_norm` > 0: SimpleTuner's perturbed-normal LoKr init at that scale (0: LyCORIS's own).
         """
         skeleton = skeleton_for(unet_config)
         init_device, device = torch.device(init_device), torch.device(device)
         modules, warnings = {}, []
         for target in plan.targets:
             layer = skeleton.get_submodule(target.path)
-            params = lycoris_initial_params(target, layer, base_weight(target), seed, init_device)
+            _check_target_dropouts(target)
+            params = lycoris_initial_params(target, layer, base_weight(target), seed, init_device, init_lokr_norm)
+            scalar = params.pop("scalar", None)
             adapter = parse_module(target.lora_name, params, LayerSpec.from_module(layer))
             if not adapter.linear_in_strength:
                 raise TrainerError(f"{target.lora_name}: training {target.algo} with these settings (DoRA, "
                                    "rescaled or multi-block OFT) is not supported; it is not linear in the strength")
+            if scalar is not None:
+                if not adapter.SCALED_KEYS:
+                    raise TrainerError(f"{target.lora_name}: use_scalar with {target.algo} is not supported here")
+                adapter.params["scalar"] = scalar
             _make_trainable(adapter, device, dtype)
             warnings += adapter.warnings
             modules[target.path] = adapter
-        unused = [k for k in _IGNORED_KWARGS if config.keywords.get(k)]
-        if unused:
-            warnings.append(f"{', '.join(unused)}: not applied by this trainer (LyCORIS dropouts are ignored)")
         return cls(plan, modules, config, architecture_key(unet_config), list(dict.fromkeys(warnings)))
 
     # -- training ---------------------------------------------------------------------------
@@ -178,13 +243,39 @@ class TrainableAdapter:
     # -- saving, resuming, applying -------------------------------------------------------------
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """LyCORIS file tensors (`lycoris_<path>.<param>`, alpha and T-LoRA base included), detached CPU copies."""
+        """LyCORIS file tensors (`lycoris_<path>.<param>`, alpha and T-LoRA base included), detached CPU copies.
+
+        With use_scalar, as LyCORIS's `custom_state_dict` saves them: the scaled factor times the scalar,
+        and no scalar."""
+        return self.file_tensors(self.training_state())
+
+    def file_tensors(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`training_state`-form tensors (e.g. an EMA of them) as the file holds them: each use_scalar
+        factor times its module's scalar (LyCORIS's `custom_state_dict`), the scalars left out."""
+        out = dict(tensors)
+        for adapter in self.modules.values():
+            scalar = out.pop(f"{adapter.lora_name}.scalar", None)
+            if scalar is None:
+                continue
+            for key in adapter.SCALED_KEYS:
+                name = f"{adapter.lora_name}.{key}"
+                if name in out:
+                    out[name] = (out[name] * scalar.to(out[name])).contiguous()
+        return out
+
+    def training_state(self) -> dict[str, torch.Tensor]:
+        """Every trained tensor as it is (use_scalar: unscaled factors and `scalar`), for checkpoints."""
         return {f"{adapter.lora_name}.{key}": tensor.detach().to("cpu", copy=True).contiguous()
                 for adapter in self.modules.values() for key, tensor in adapter.params.items()}
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Copy saved tensors into the existing leaves (the optimizer keeps its references)."""
+        """Copy saved tensors (`training_state` or `state_dict` form) into the existing leaves (the optimizer
+        keeps its references). A file without `scalar` sets it to 1, as LyCORIS's `load_weight_hook` does."""
         own = {f"{a.lora_name}.{k}": (a, k) for a in self.modules.values() for k in a.params}
+        state = dict(state)
+        for a in self.modules.values():
+            if "scalar" in a.params:
+                state.setdefault(f"{a.lora_name}.scalar", torch.ones_like(a.params["scalar"], device="cpu"))
         missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         if missing or unexpected:
             raise TrainerError(f"adapter state does not fit this plan: missing {missing[:3]}"

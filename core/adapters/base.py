@@ -209,6 +209,10 @@ class ModuleAdapter:
     algo: ClassVar[str] = ""
     KEYS: ClassVar[tuple[str, ...]] = ()
     _KEEP_DTYPE: ClassVar[frozenset[str]] = frozenset({"alpha", "on_input"})
+    # The factors LyCORIS multiplies by the module's `scalar` (use_scalar) when it saves them
+    # (`custom_state_dict`). A trainable module holds them unscaled plus a `scalar` tensor, and every
+    # read through `_p` / `_p32` gives factor * scalar, so its math is LyCORIS's training forward.
+    SCALED_KEYS: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, lora_name: str, layer: LayerSpec, params: dict[str, torch.Tensor]):
         self.lora_name = lora_name
@@ -391,8 +395,8 @@ class ModuleAdapter:
             return None
         if tensor.requires_grad:
             cast = like.dtype if (tensor.is_floating_point() and key not in self._KEEP_DTYPE) else None
-            return tensor.to(device=like.device, dtype=cast)
-        return self.placed(like.device, like.dtype)[key]
+            return self._scaled(key, tensor.to(device=like.device, dtype=cast))
+        return self._scaled(key, self.placed(like.device, like.dtype)[key])
 
     def _p32(self, key: str, like: torch.Tensor) -> torch.Tensor | None:
         """Param `key` as float32 on like's device, or None."""
@@ -400,9 +404,16 @@ class ModuleAdapter:
         if tensor is None:
             return None
         if tensor.requires_grad:
-            return tensor.to(device=like.device, dtype=torch.float32)
+            return self._scaled(key, tensor.to(device=like.device, dtype=torch.float32))
         placed = self.placed(like.device, torch.float32)[key]
-        return placed if placed.dtype == torch.float32 else placed.float()
+        return self._scaled(key, placed if placed.dtype == torch.float32 else placed.float())
+
+    def _scaled(self, key: str, value: torch.Tensor) -> torch.Tensor:
+        """`value` (param `key`, placed) times the module's `scalar` when it has one and `key` is scaled by it."""
+        scalar = self.params.get("scalar")
+        if scalar is None or key not in self.SCALED_KEYS:
+            return value
+        return value * scalar.to(device=value.device, dtype=value.dtype)
 
     def _delta_output(self, x, base_weight, rank_mask) -> torch.Tensor:
         raise NotImplementedError

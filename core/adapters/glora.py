@@ -17,6 +17,7 @@ from .base import KERNEL_BACKEND, LayerSpec, ModuleAdapter, alpha_scale, expect_
 
 class GLoRAAdapter(ModuleAdapter):
     algo = "glora"
+    SCALED_KEYS = ("a2.weight", "b2.weight")
     KEYS = ("a1.weight", "a2.weight", "b1.weight", "b2.weight", "bm.weight", "alpha")
 
     def __init__(self, lora_name: str, layer: LayerSpec, params: dict[str, torch.Tensor]):

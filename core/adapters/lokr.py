@@ -21,6 +21,7 @@ _FACTORS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w
 
 class LoKrAdapter(LowRankAdapter):
     algo = "lokr"
+    SCALED_KEYS = ("lokr_w1", "lokr_w1_a")
     # lokr_t1 is listed by LyCORIS but never written nor read: it is reported as ignored.
     KEYS = (*_FACTORS, "alpha", "dora_scale")
 

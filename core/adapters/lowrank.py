@@ -87,6 +87,7 @@ _CHUNK_ELEMENTS = 1 << 16  # elements of a LoHa ΔW built per step: blocks that 
 
 class LoRAAdapter(LowRankAdapter):
     algo = "lora"
+    SCALED_KEYS = ("lora_up.weight",)
     KEYS = ("lora_up.weight", "lora_down.weight", "lora_mid.weight", "alpha", "dora_scale")
 
     def __init__(self, lora_name: str, layer: LayerSpec, params: dict[str, torch.Tensor]):
@@ -169,9 +170,24 @@ class LoRAAdapter(LowRankAdapter):
         return locon.bypass_forward_diff(x, None, down, up, mid, gamma=self.scale,
                                          extra_args=self.layer.conv_kwargs, backend=KERNEL_BACKEND)
 
+    def delta_output_ranks(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """The delta with the rank-r hidden multiplied by `keep` ([dim]) between down and up: LyCORIS's
+        bypass forward under rank dropout (LoConModule.bypass_forward_diff). Training only."""
+        L = self.layer
+        if self.wd_on_out is not None or L.groups != 1:
+            raise RuntimeError(f"{self.lora_name}: rank dropout in bypass mode needs a plain LoRA/LoCon "
+                               "(no DoRA, no conv groups)")
+        down, up, mid = self._factors(x)
+        if not L.is_conv:
+            return torch.nn.functional.linear(torch.nn.functional.linear(x, down) * keep, up) * self.scale
+        hidden = L.apply(x, down) if mid is None else L.apply(L.pointwise(x, down), mid)
+        hidden = hidden * keep.view(1, -1, *[1] * (hidden.ndim - 2))
+        return L.pointwise(hidden, up) * self.scale
+
 
 class LoHaAdapter(LowRankAdapter):
     algo = "loha"
+    SCALED_KEYS = ("hada_w1_a",)
     KEYS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "alpha", "dora_scale")
 
     def __init__(self, lora_name: str, layer: LayerSpec, params: dict[str, torch.Tensor]):

@@ -83,3 +83,45 @@ def test_cancel_route_and_bad_ids(comfy_server):
         with pytest.raises(urllib.error.HTTPError) as err:
             comfy_server.get(f"/lycoris/jobs/{bad}")
         assert err.value.code in (status, 404)
+
+
+def test_init_lora_ema_and_modelspec_through_the_server(comfy_server):
+    """Train from a file the server trained, with an EMA and trigger words; Load LyCORIS takes the EMA file."""
+    from safetensors import safe_open
+
+    loras = comfy_server.base / "models" / "loras"
+    source = comfy_server.run(train_prompt(steps=2, output_name="st/src", save_every=1))
+    wait_for(comfy_server, job_of(comfy_server, source)["id"], lambda j: j["state"] == "done")
+    assert (loras / "st" / "src.safetensors").is_file()
+
+    prompt = train_prompt(steps=3, output_name="st/from_src", save_every=1)
+    prompt["train"]["inputs"].update({"init_lora": "st/src.safetensors", "ema_decay": 0.9, "ema_update_interval": 1,
+                                      "trigger_words": "ohwx, blue hat"})
+    wait_for(comfy_server, job_of(comfy_server, comfy_server.run(prompt))["id"], lambda j: j["state"] == "done")
+    for path in (loras / "st" / "from_src.safetensors", loras / "st" / "ema" / "from_src.safetensors"):
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata()
+        assert meta["modelspec.title"] == "from_src" and meta["modelspec.architecture"] == "flux2/lora", meta
+        assert meta["trained_words"] == "ohwx, blue hat" and meta["global_step"] == "3"
+        assert meta["lycoris_pack.init_lora"] == "st/src.safetensors"
+    # The EMA file is listed and loads like any adapter.
+    load = {"model": prompt["model"], "cond": prompt["cond"]}
+    load["load"] = {"class_type": "LycorisLoad", "inputs": {"model": ["model", 0],
+                                                            "lora_name": "st/ema/from_src.safetensors", "strict": True}}
+    load["apply"] = {"class_type": "LycorisApply", "inputs": {"model": ["model", 0], "adapter": ["load", 0],
+                                                              "strength": 1.0}}
+    load["empty"] = {"class_type": "EmptyFlux2LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}
+    load["sample"] = {"class_type": "KSampler", "inputs": {
+        "model": ["apply", 0], "positive": ["cond", 0], "negative": ["cond", 0], "latent_image": ["empty", 0],
+        "seed": 1, "steps": 1, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}}
+    load["save"] = {"class_type": "SaveLatent", "inputs": {"samples": ["sample", 0], "filename_prefix": "ema_load"}}
+    assert comfy_server.run(load)["save"]["latents"]
+
+    # A file that does not fit the config refuses the prompt, naming the key.
+    from comfyserver import PromptError
+
+    bad = train_prompt(steps=2, output_name="st/bad")
+    bad["config"]["inputs"]["preset"] = "lora"
+    bad["train"]["inputs"]["init_lora"] = "st/src.safetensors"
+    with pytest.raises(PromptError, match=r"init_lora: src\.safetensors: does not fit the config: lycoris_"):
+        comfy_server.run(bad)

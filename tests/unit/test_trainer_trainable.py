@@ -181,11 +181,14 @@ def test_non_linear_algorithms_are_refused(unet_config):
         TrainableAdapter.from_plan(plan_for(config, unet_config), unet_config, _weights(), config)
 
 
-def test_dropouts_are_reported(unet_config):
-    config = parse_config({**BASE, "algo": "lora", "rank_dropout": 0.1,
+def test_dropouts_are_taken_and_unapplied_ones_reported(unet_config):
+    config = parse_config({**BASE, "algo": "lora", "rank_dropout": 0.1, "dropout": 0.2,
                            "apply_preset": {"target_module": [], "target_name": LAYERS[:1]}})
     trainable = TrainableAdapter.from_plan(plan_for(config, unet_config), unet_config, _weights(), config)
-    assert any("rank_dropout" in w for w in trainable.warnings)
+    (settings,) = trainable.dropouts.values()
+    assert (settings.rank_axis, settings.rank_dropout, settings.elementwise) == ("rows", 0.1, 0.0)
+    assert any(w.startswith("dropout: LyCORIS applies it only in bypass_mode") for w in trainable.warnings)
+    assert not any("rank_dropout" in w for w in trainable.warnings)
 
 
 @pytest.mark.parametrize("algo", ["lora", "lokr"])
