@@ -51,8 +51,11 @@ class LoadedAdapter:
             out.setdefault(binding.route.comfy_module, []).append(binding)
         return out
 
-    def application(self, strengths: tuple[float, ...]) -> Application:
-        return Application(self.name, self.by_comfy_module(), strengths, self.tlora)
+    def application(self, strengths: tuple[float, ...], blocks: dict[str, float] | None = None,
+                    schedule: object = None) -> Application:
+        """Built whole (an Application is immutable once made): `blocks` resolved per ComfyUI module
+        path (core.strength_shape.resolve_blocks), `schedule` a BoundSchedule."""
+        return Application(self.name, self.by_comfy_module(), strengths, self.tlora, blocks=blocks, schedule=schedule)
 
 
 def architecture_key(unet_config: dict) -> str:

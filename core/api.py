@@ -75,11 +75,15 @@ def apply_sweep(model: Any, adapter: LoadedAdapter, strengths: Sequence[float], 
     if not values:
         raise StrengthError("strengths: give at least one strength")
     _check_fits(model, adapter)
-    application = adapter.application(values)
-    application.blocks = resolve_blocks(blocks, application.bindings) or None
-    if schedule is not None:
-        application.schedule = Schedule.of(schedule).bind(host.percent_to_sigma(model))
-    return host.attach_application(model, application)
+    return host.attach_application(model, adapter.application(values, *_shape(model, adapter, blocks, schedule)))
+
+
+def _shape(model: Any, adapter: LoadedAdapter, blocks: BlockSpec | None,
+           schedule: Sequence[tuple[float, float]] | None) -> tuple[dict[str, float] | None, Any]:
+    """(multiplier per adapted ComfyUI module or None, the schedule bound to `model`'s sampling or None)."""
+    multipliers = resolve_blocks(blocks, adapter.by_comfy_module()) or None
+    bound = None if schedule is None else Schedule.of(schedule).bind(host.percent_to_sigma(model))
+    return multipliers, bound
 
 
 @dataclass(frozen=True)
@@ -98,14 +102,19 @@ def apply_variants(model: Any, adapter: LoadedAdapter, variants: Sequence[Varian
     if not variants:
         raise StrengthError("variants: give at least one variant")
     _check_fits(model, adapter)
+    names = [variant.name for variant in variants]
+    for name in names:
+        if names.count(name) > 1:
+            raise StrengthError(f"variants: two variants are named '{name}'; give each its own name")
     clone = model
     for i, variant in enumerate(variants):
-        strength = check_strength(variant.strength, f"variants[{i}].strength")
-        application = adapter.application(tuple(strength if j == i else 0.0 for j in range(len(variants))))
-        application.blocks = resolve_blocks(variant.blocks, application.bindings) or None
-        if variant.schedule is not None:
-            application.schedule = Schedule.of(variant.schedule).bind(host.percent_to_sigma(model))
-        clone = host.attach_application(clone, application)
+        strength = check_strength(variant.strength, f"variants: '{variant.name}' strength")
+        try:
+            shape = _shape(model, adapter, variant.blocks, variant.schedule)
+        except StrengthShapeError as err:
+            raise StrengthShapeError(f"variants: '{variant.name}': {err}") from None
+        strengths = tuple(strength if j == i else 0.0 for j in range(len(variants)))
+        clone = host.attach_application(clone, adapter.application(strengths, *shape))
     return clone
 
 

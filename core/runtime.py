@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from .adapters.base import PASS_MACS
+from .dropout import ModuleDraw
 from .families import Route
 from .strength_shape import scaled
 from .tlora import module_mask
@@ -96,6 +97,7 @@ class _Active:
     strength: float | torch.Tensor  # a number, or a [B] vector when the batch mixes strengths
     mask: torch.Tensor | None  # [B, rank] T-LoRA mask, None = all ranks
     app: Application
+    drop: ModuleDraw | None = None  # LyCORIS's dropouts of this call (training only, core.dropout)
 
 
 @dataclass(eq=False)
@@ -114,9 +116,11 @@ def per_sample_strengths(strengths: Sequence[float], batch: int, chunks: int) ->
 
 
 def build_call_state(applications: Sequence[Application], batch: int, chunks: int,
-                     timesteps: torch.Tensor | None, sigmas: torch.Tensor | None = None) -> CallState:
+                     timesteps: torch.Tensor | None, sigmas: torch.Tensor | None = None,
+                     draws: dict[str, ModuleDraw] | None = None) -> CallState:
     """The call state for a batch; `timesteps` (per sample, 0..1000) drive T-LoRA masks, `sigmas`
-    (per sample) strength schedules. Strength per module and sample: strength x block x schedule."""
+    (per sample) strength schedules. Strength per module and sample: strength x block x schedule.
+    `draws` (training only): LyCORIS's dropouts of this call per binding path; a dropped module is left out."""
     by_module: dict[str, list[_Active]] = {}
     for app in applications:
         strength = per_sample_strengths(app.strengths, batch, chunks)
@@ -127,6 +131,9 @@ def build_call_state(applications: Sequence[Application], batch: int, chunks: in
             multiplier = (app.blocks or {}).get(comfy_path, 1.0)
             module_strength = strength if multiplier == 1.0 else scaled(strength, multiplier, batch)
             for binding in bindings:
+                drop = (draws or {}).get(binding.path)
+                if drop is not None and drop.dropped:
+                    continue  # module dropout: this layer runs its base only in this call
                 mask = None
                 rank = getattr(binding.adapter, "rank", None)
                 if app.tlora is not None and rank is not None and timesteps is not None:
@@ -134,7 +141,9 @@ def build_call_state(applications: Sequence[Application], batch: int, chunks: in
                         masks[rank] = module_mask(timesteps, rank, app.tlora.linear_dim, app.tlora.min_rank,
                                                   app.tlora.alpha)
                     mask = masks[rank]
-                by_module.setdefault(comfy_path, []).append(_Active(binding, module_strength, mask, app))
+                by_module.setdefault(comfy_path, []).append(_Active(binding, module_strength, mask, app,
+                                                                    drop if drop is not None and drop.changes_output
+                                                                    else None))
     return CallState(by_module)
 
 
@@ -297,7 +306,9 @@ def _split(module: torch.nn.Module, kind: str, actives: list[_Active], x: torch.
         uniform = isinstance(act.strength, float)
         if uniform and act.strength == 0.0 and adapter.linear_in_strength:
             continue  # exactly the base
-        if not uniform and (grad or act.strength.numel() != x.shape[0]):
+        if act.drop is not None:
+            post.append(act)  # masks and nn.Dropout act on the delta (core.dropout)
+        elif not uniform and (grad or act.strength.numel() != x.shape[0]):
             post.append(act)  # mixed strengths with autograd, or a layer whose batch is not the call's: deltas
         elif not adapter.linear_in_strength:
             (post if grad else rebuild).append(act)
@@ -528,10 +539,12 @@ def _add_deltas(module: torch.nn.Module, actives: list[_Active], x: torch.Tensor
     channel_dim = 1 if isinstance(module, torch.nn.modules.conv._ConvNd) else -1
     for act in actives:
         if isinstance(act.strength, float) and act.binding.adapter.linear_in_strength:
-            if act.strength == 0.0 or act.binding.adapter.add_output_(x, output, act.binding.route.blocks,
-                                                                      act.strength):
+            if act.strength == 0.0 or (act.drop is None and act.binding.adapter.add_output_(
+                    x, output, act.binding.route.blocks, act.strength)):
                 continue
         delta = _delta(act, x, module)
+        if act.drop is not None:
+            delta = act.drop.apply(delta, channel_dim)
         _add_rows(output, delta.to(output.dtype), act.binding.route, channel_dim)
 
 
@@ -559,7 +572,10 @@ def _delta(act: _Active, x: torch.Tensor, module: torch.nn.Module) -> torch.Tens
     if adapter.linear_in_strength:
         if isinstance(act.strength, float) and act.strength == 0.0:
             return torch.zeros((), device=x.device, dtype=x.dtype)
-        delta = adapter.delta_output(x, base_weight=base, rank_mask=mask)
+        if act.drop is not None and act.drop.ranks is not None:  # LoRA's rank dropout in bypass mode
+            delta = adapter.delta_output_ranks(x, act.drop.mask(act.drop.ranks, x))
+        else:
+            delta = adapter.delta_output(x, base_weight=base, rank_mask=mask)
         return delta * _broadcast(act.strength, delta)
     return _delta_by_weight(act, x, module, base if base is not None else _base_weight(module, route, x))
 

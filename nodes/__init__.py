@@ -11,12 +11,14 @@ from . import (  # noqa: F401  (web_routes registers HTTP routes)
     tlora_visualizer,
     train_nodes,
     validation_nodes,
+    variant_nodes,
     web_routes,
 )
 
 NODE_CLASSES = [
     *config_nodes.NODES,
     *adapter_nodes.NODES,
+    *variant_nodes.NODES,
     *ab_nodes.NODES,
     *train_nodes.NODES,
     *validation_nodes.NODES,

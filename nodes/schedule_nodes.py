@@ -13,6 +13,17 @@ from .types import CATEGORY, LycorisSchedule
 MODES = ("window", "keyframes")
 
 
+def keyframes_of(mode: str, start: float, end: float, ramp: float, keyframes: str) -> list[tuple[float, float]]:
+    """The node's keyframes from its widgets (also what the live plot asks GET /lycoris/strength/schedule for);
+    ValueError naming the field."""
+    if mode not in MODES:
+        raise ValueError(f"mode: '{mode}' is not one of {', '.join(MODES)}")
+    try:
+        return ramp_keyframes(start, end, ramp) if mode == "window" else parse_keyframes(keyframes)
+    except StrengthShapeError as err:
+        raise ValueError(str(err)) from None
+
+
 def plot(schedule: Schedule, step_percents: list[float], width: int = 512, height: int = 256) -> torch.Tensor:
     """IMAGE of the multiplier over the sampling percent (0 = start, noisiest), sampler steps as dots."""
     image = Image.new("RGB", (width, height), (24, 24, 28))
@@ -74,17 +85,27 @@ class StrengthSchedule(io.ComfyNode):
 
     @classmethod
     def execute(cls, mode, start, end, ramp, keyframes, steps, scheduler, model=None) -> io.NodeOutput:
-        try:
-            frames = ramp_keyframes(start, end, ramp) if mode == "window" else parse_keyframes(keyframes)
-        except StrengthShapeError as err:
-            raise ValueError(str(err)) from None
+        frames = keyframes_of(mode, start, end, ramp, keyframes)
         schedule = Schedule.of(frames)
         percents = [i / steps for i in range(steps)]
         if model is not None:
             sigmas = host.sampler_sigmas(model, scheduler, steps)[:-1]
             percents = schedule.bind(host.percent_to_sigma(model)).percent_of(sigmas).tolist()
         text = ", ".join(f"{p:g} -> {v:g}" for p, v in schedule.keyframes)
-        return io.NodeOutput(frames, plot(schedule, percents), ui=ui.PreviewText(f"keyframes: {text}"))
+        # lycoris_schedule: the steps that ran, so the node's live plot (web/lib/schedule_widget.js) marks them
+        ran = {"percents": percents, "steps": steps, "scheduler": scheduler, "model": model is not None}
+        return io.NodeOutput(frames, plot(schedule, percents), ui=_SchedulePreview(f"keyframes: {text}", ran))
+
+
+class _SchedulePreview(ui.PreviewText):
+    """The keyframes as text, plus `lycoris_schedule`: the sampler steps of this run, for the live plot."""
+
+    def __init__(self, text: str, ran: dict):
+        super().__init__(text)
+        self.ran = ran
+
+    def as_dict(self) -> dict:
+        return {**super().as_dict(), "lycoris_schedule": [self.ran]}
 
 
 NODES = [StrengthSchedule]

@@ -8,6 +8,7 @@ LycorisJob = io.Custom("LYCORIS_JOB")
 LycorisDataset = io.Custom("LYCORIS_DATASET")
 LycorisValidation = io.Custom("LYCORIS_VALIDATION")
 LycorisSchedule = io.Custom("LYCORIS_SCHEDULE")
+LycorisVariants = io.Custom("LYCORIS_VARIANTS")  # named looks for LyCORIS A/B
 TRAIN_CATEGORY = "LyCORIS/train"
 
 CATEGORY = "LyCORIS"

@@ -8,6 +8,12 @@ With `preset=<name>[&config_json=<overrides or custom JSON>]` (a connected LyCOR
 widgets) rank, min_rank and alpha come from that config, as the node uses them when it runs, and
 the answer says so (`"from_config": true`).
 
+`GET /lycoris/strength/schedule?mode=window&start=0&end=0.4&ramp=0.05&keyframes=...&steps=20[&percents=0,0.3]`
+(the LyCORIS Strength Schedule node's widgets) answers `{"keyframes": [[percent, multiplier], ...], "grid":
+[percent, ...], "curve": [multiplier, ...], "marks": {"percents": [...], "values": [...]}}`: the multiplier
+from `core.strength_shape.Schedule` over 0..1, and at the sampler's steps: `percents` (those of the
+node's last run with a model) or, without, `steps` evenly spaced ones, as the node plots without a model.
+
 Routes are registered when this module is imported inside a running ComfyUI (PromptServer exists
 before custom nodes load). Imported anywhere else (unit tests) it registers nothing.
 """
@@ -21,6 +27,8 @@ from ..core.mask_plot import check_alphas, parse_alphas
 from ..core.tlora import T_MAX, active_ranks, check_params
 
 MASK_ROUTE = "/lycoris/tlora/mask"
+SCHEDULE_ROUTE = "/lycoris/strength/schedule"
+SCHEDULE_POINTS = 201  # samples of the curve over 0..1 (the node's plot uses as many)
 DEFAULT_STEP = 10
 
 
@@ -93,6 +101,46 @@ async def tlora_mask(request):
     return web.json_response(body)
 
 
+def schedule_curve(query: Mapping[str, str]) -> dict:
+    """The answer of the schedule route for its query parameters; ValueError naming the field."""
+    import torch
+
+    from ..core.strength_shape import Schedule
+    from .schedule_nodes import keyframes_of
+
+    mode = query.get("mode", "window")
+    frames = keyframes_of(mode, _number(query, "start", float, 0.0), _number(query, "end", float, 1.0),
+                          _number(query, "ramp", float, 0.0), query.get("keyframes", ""))
+    schedule = Schedule.of(frames)
+    text = query.get("percents", "").strip()
+    if text:
+        try:
+            percents = [float(item) for item in text.split(",")]
+        except ValueError:
+            raise ValueError(f"percents: '{text}' is not a comma-separated list of numbers") from None
+        if not all(0.0 <= p <= 1.0 for p in percents):
+            raise ValueError("percents: each must be in 0..1")
+    else:
+        steps = _number(query, "steps", int, 20)
+        if not 1 <= steps <= 1000:
+            raise ValueError(f"steps: must be between 1 and 1000, got {steps}")
+        percents = [i / steps for i in range(steps)]
+    grid = [i / (SCHEDULE_POINTS - 1) for i in range(SCHEDULE_POINTS)]
+    values = schedule.at_percent(torch.tensor(grid + percents, dtype=torch.float64)).tolist()
+    return {"keyframes": [list(f) for f in schedule.keyframes], "grid": grid, "curve": values[:SCHEDULE_POINTS],
+            "marks": {"percents": percents, "values": values[SCHEDULE_POINTS:]}}
+
+
+async def strength_schedule(request):
+    from aiohttp import web
+
+    try:
+        body = schedule_curve(request.rel_url.query)
+    except ValueError as err:
+        return web.json_response({"error": str(err)}, status=400)
+    return web.json_response(body)
+
+
 def register() -> bool:
     """Adds the routes to the running ComfyUI server; False (and nothing done) outside one."""
     server = sys.modules.get("server")  # ComfyUI's main.py imports it before loading custom nodes
@@ -100,6 +148,7 @@ def register() -> bool:
     if instance is None:
         return False
     instance.routes.get(MASK_ROUTE)(tlora_mask)
+    instance.routes.get(SCHEDULE_ROUTE)(strength_schedule)
     return True
 
 

@@ -335,6 +335,63 @@ def load_simpletuner() -> dict:
     return {"prompt": graph, "notes": notes, "groups": groups, "columns": columns}
 
 
+VARIANT_LOOKS = (  # workflow 07: (name, block preset, early-steps schedule)
+    ("full", "all blocks", False), ("double blocks only", "Flux: double blocks only", False),
+    ("single blocks only", "Flux: single blocks only", False), ("early steps only", "all blocks", True))
+
+
+def flux2_variants_ab() -> dict:
+    graph = {
+        "1": node("LycorisTinyModel", "Tiny Flux 2 (swap: Load Diffusion Model)", **TINY_FLUX2),
+        "2": node("LycorisTinyTextEncode", "Prompt (swap: CLIP Text Encode)", model=["1", 0], text=CAPTION, tokens=4),
+        "3": node("FluxGuidance", conditioning=["2", 0], guidance=1.0),
+        "4": node("LycorisTinyTextEncode", "Negative (unused at cfg 1)", model=["1", 0], text="", tokens=4),
+        "5": node("EmptyFlux2LatentImage", width=RES, height=RES, batch_size=1),
+        "6": node("LycorisLoad", "Load the SimpleTuner file (06's)", model=["1", 0], lora_name=SIMPLETUNER_FILE,
+                  strict=True),
+        "7": node("LycorisStrengthSchedule", "Early steps only (the composition)", mode="window", start=0.0, end=0.4,
+                  ramp=0.05, keyframes="0 = 1\n0.4 = 1\n0.5 = 0", steps=8, scheduler="simple", model=["1", 0]),
+    }
+    previous = None
+    for i, (name, preset, early) in enumerate(VARIANT_LOOKS):
+        extra = {"schedule": ["7", 0]} if early else {}
+        if previous:
+            extra["variants"] = [previous, 0]
+        previous = str(8 + i)
+        graph[previous] = node("LycorisVariant", f"Variant: {name}", name=name, strength=1.0, block_preset=preset,
+                               block_strengths="", **extra)
+    graph.update({
+        "12": node("LycorisAB", model=["1", 0], adapter=["6", 0], strengths="0, 1", latent=["5", 0],
+                   variants=[previous, 0]),
+        "13": sampler(["12", 0], ["3", 0], ["4", 0], ["12", 1]),
+        "14": preview(["13", 0]),
+        "15": node("LycorisStrengthGrid", images=["14", 0], strengths=["12", 2]),
+        "16": node("SaveImage", "Save variants grid", images=["15", 0], filename_prefix="lycoris-demo/variants_grid"),
+        "17": node("SaveLatent", "Save variant latents", samples=["13", 0], filename_prefix="lycoris-demo/variants"),
+        "18": node("SaveImage", "Save schedule plot", images=["7", 1], filename_prefix="lycoris-demo/schedule"),
+    })
+    notes = [
+        {"id": 20, "column": -1, "title": "About this workflow", "size": [360, 360], "text": (
+            "Four looks of one adapter in ONE sampler run, same noise: the whole adapter, its double blocks only, "
+            "its single blocks only, and the whole adapter in the early (composition-setting) steps only.\n\n"
+            "Each LyCORIS Variant names a look: a strength, per-block strengths (a preset or 'pattern = "
+            "multiplier' lines; Load LyCORIS lists the adapter's blocks) and an optional LyCORIS Strength "
+            "Schedule. Chain them (variants -> variants) into LyCORIS A/B; the Strength Grid labels each column "
+            "with its variant's name.\n\n"
+            "Nothing is re-patched: every look runs in bypass from each sample's own strength, block and sigma. "
+            "The schedule node draws its curve over the sampler's steps live as you edit it.\n\n"
+            "The adapter is 06's SimpleTuner LoKr file (shipped in example_workflows/loras).")},
+        {"id": 21, "column": -1, "title": "With a real model", "size": [360, 250], "text": SWAP_FLUX2},
+    ]
+    groups = [
+        {"title": "Model, prompt and adapter (dev stand-ins)", "nodes": ["1", "2", "3", "4", "5", "6"]},
+        {"title": "Four named variants", "nodes": ["7", "8", "9", "10", "11"]},
+        {"title": "A/B: every variant in one batch", "nodes": ["12", "13", "14", "15", "16", "17", "18"]},
+    ]
+    columns = {"1": 0, "2": 0, "3": 1, "4": 1, "5": 1, "6": 1, "7": 2, "8": 2, "9": 2, "10": 3, "11": 3,
+               "12": 4, "13": 5, "14": 6, "15": 6, "16": 7, "17": 7, "18": 7}
+    return {"prompt": graph, "notes": notes, "groups": groups, "columns": columns}
+
 # File names are the template browser's titles: numbered in the order to follow ("NN_" keeps
 # `make demo`'s glob), then what the workflow does.
 WORKFLOWS = {
@@ -344,6 +401,7 @@ WORKFLOWS = {
     "04_Train a T-LoRA and plot its timestep mask": tlora_train_mask,
     "05_Train an SDXL LoKr on attention only": sdxl_attention_lokr,
     "06_Load a SimpleTuner LyCORIS file": load_simpletuner,
+    "07_Compare looks - blocks and schedules in one batch": flux2_variants_ab,
 }
 
 # The image each workflow's thumbnail is made from: the title (part) of one of its Save Image nodes.
@@ -354,12 +412,14 @@ THUMBNAILS = {
     "04_Train a T-LoRA and plot its timestep mask": "mask plot",
     "05_Train an SDXL LoKr on attention only": "loss curve",
     "06_Load a SimpleTuner LyCORIS file": "A/B grid",
+    "07_Compare looks - blocks and schedules in one batch": "variants grid",
 }
 THUMB_SIZE = (512, 384)
 
 # What the pack's web extension and core previews add to a node when no browser measures it: (min width,
 # extra height). Image outputs get room for their picture (Nodes 2.0 grows the node to show it).
 WIDGET_EXTRAS = {"LycorisTrain": (360, 330), "LycorisJob": (360, 290), "LycorisTLoraMaskVisualizer": (360, 460),
+                 "LycorisStrengthSchedule": (320, 190),
                  "LycorisPlan": (420, 200), "LycorisConfig": (340, 120), "LycorisLoad": (320, 90),
                  "LycorisLatentDataset": (320, 90), "LycorisMerge": (320, 90), "LycorisSave": (320, 90)}
 # Room for the text a node shows after a run (the pack's text results): (min width, extra height).

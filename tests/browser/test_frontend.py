@@ -491,7 +491,7 @@ def test_jobs_tab_and_job_widget_follow_the_events(ui):
     assert full["title"].endswith("checkpoint-40.safetensors") and full["wraps"] == "normal"
     assert full["fits"] or full["scrolls"] == "auto"
     # a finished job offers Resume instead of a dead Cancel (no Train node here to resume: disabled, says how)
-    assert row.locator("button").text_content() == "Resume"
+    assert row.locator(".lycoris-action").text_content() == "Resume"
     ui.page.unroute("**/lycoris/jobs/*/cancel")
     ui.page.locator(JOBS_TAB_BUTTON).first.click()
 

@@ -85,7 +85,7 @@ def trained(comfy_server, prompts):
 
 
 def test_every_workflow_converts(prompts, info):
-    assert set(NUMBERED) >= {"01", "02", "03", "04", "05", "06"}
+    assert set(NUMBERED) >= {"01", "02", "03", "04", "05", "06", "07"}
     for name, prompt in prompts.items():
         assert prompt, name
         for entry in prompt.values():
@@ -190,6 +190,31 @@ def test_06_loads_a_simpletuner_file(comfy_server, prompts):
     (ab,) = files(comfy_server, outputs, find(prompt, "SaveLatent"), "latents")
     samples = latent(ab)
     assert samples.shape[0] == 2 and not torch.allclose(samples[0], samples[1], atol=1e-3), "the file changes the model"
+
+
+def test_07_compares_named_variants_in_one_batch(comfy_server, prompts):
+    """Runs as shipped (06's file): four named variants of one adapter in one sampler run, a grid labelled with
+    their names (exactness against separate applications: test_strength_shape_server.py)."""
+    prompt = prompts[NUMBERED["07"]]
+    names = []
+    node_id = find(prompt, "LycorisAB")
+    link = prompt[node_id]["inputs"]["variants"]
+    while link:  # the chain, last variant first
+        variant = prompt[link[0]]["inputs"]
+        names.insert(0, variant["name"])
+        link = variant.get("variants")
+    assert names == ["full", "double blocks only", "single blocks only", "early steps only"]
+    outputs = comfy_server.run(prompt)
+    (ab,) = files(comfy_server, outputs, find(prompt, "SaveLatent", "variant"), "latents")
+    samples = latent(ab)
+    assert samples.shape == (4, 128, 8, 8)
+    for i in range(4):
+        for j in range(i):
+            assert not torch.allclose(samples[i], samples[j], atol=1e-3), f"{names[i]} looks like {names[j]}"
+    (grid,) = files(comfy_server, outputs, find(prompt, "SaveImage", "variants grid"))
+    assert Image.open(grid).size[0] > 4 * 128, "four columns of 128 px previews"
+    (plot,) = files(comfy_server, outputs, find(prompt, "SaveImage", "schedule"))
+    assert Image.open(plot).size == (512, 256)
 
 
 # ---------------------------------------------------------------- the real frontend

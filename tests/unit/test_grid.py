@@ -45,3 +45,22 @@ def test_grid_layout_and_labels():
     assert (header > 0.5).any(), "labels are drawn in the header"
     with pytest.raises(ValueError, match="not a multiple of 3"):
         strength_grid(images, (0.0, 0.5, 1.0))
+
+
+def test_grid_labels_are_strengths_or_variant_names():
+    from comfyui_lycoris.core.grid import parse_labels
+
+    assert parse_labels("0, 0.5;1") == (0.0, 0.5, 1.0)
+    assert parse_labels("full, double blocks only") == ("full", "double blocks only")
+    with pytest.raises(ValueError, match="outside -10..10"):
+        parse_labels("0, 11")
+    with pytest.raises(ValueError, match="give at least one"):
+        parse_labels(" , ")
+    images = torch.zeros(2, 32, 48, 3)
+    named = strength_grid(images, ("a very long variant name", "b"))
+    numbered = strength_grid(images, (0.0, 1.0))
+    assert named.shape[2] == numbered.shape[2] and named.shape[1] > numbered.shape[1], "the long name wraps"
+    header = named[0, : named.shape[1] - 2 * 32]
+    assert not torch.equal(header[:24], numbered[0, :24])
+    gap = slice(48 + 1, 48 + 3)  # between the two columns: no text runs over
+    assert (header[:, :48] > 0.5).any() and not (header[:, gap] > 0.5).any(), "the long name stays in its column"

@@ -127,6 +127,23 @@ def test_per_sample_ab_with_blocks_equals_single_runs(pair, adapter_file):
     assert close(sweep[0], singles[0]) and close(sweep[1], singles[1])
 
 
+def test_variants_in_one_batch_equal_each_variant_applied_alone(pair, adapter_file):
+    adapter = api.load_adapter(adapter_file, pair.patcher, strict=True)
+    first = FIRST_BLOCKS[pair.family]
+    looks = [api.Variant("first blocks off", 0.8, blocks={f"{first}.*": 0.0}),
+             api.Variant("late only", 1.2, blocks=[("*", 0.5)], schedule=[(0.0, 0.0), (0.5, 0.0), (1.0, 1.0)])]
+    ours = pair.comfy_denoised(api.apply_variants(pair.patcher, adapter, looks))
+    for i, look in enumerate(looks):
+        alone = pair.comfy_denoised(api.apply(pair.patcher, adapter, look.strength, blocks=look.blocks,
+                                              schedule=look.schedule))
+        assert close(ours[i], alone[i]), look.name
+    assert not close(ours[0], pair.comfy_denoised()[0]), "the variant does something"
+    with pytest.raises(api.StrengthError, match="variants: two variants are named 'a'"):
+        api.apply_variants(pair.patcher, adapter, [api.Variant("a"), api.Variant("a", 0.5)])
+    with pytest.raises(StrengthShapeError, match="variants: 'typo': blocks: pattern 'dubble_blocks.\\*' matches no"):
+        api.apply_variants(pair.patcher, adapter, [api.Variant("ok"), api.Variant("typo", blocks={"dubble_blocks.*": 0})])
+
+
 def test_errors_name_the_input(pair, adapter_file):
     adapter = api.load_adapter(adapter_file, pair.patcher, strict=True)
     with pytest.raises(StrengthShapeError, match="blocks: pattern 'dubble_blocks.\\*' matches no adapted module"):

@@ -1,8 +1,10 @@
 // The "LyCORIS jobs" sidebar tab: GET /lycoris/jobs merged with the jobs seen in events, each with the
-// action that fits it (Cancel while it runs, Load once done, Resume once stopped early). A 404 (no
-// trainer installed) is not an error: the list just says "no jobs".
+// action that fits it (Cancel while it runs, Load once done, Resume once stopped early) and its validation
+// previews under a toggle (open by itself when previews arrive). A 404 (no trainer installed) is not an
+// error: the list just says "no jobs".
 import { api } from "../../../scripts/api.js";
 import { applyAction, button, jobAction, jobRecord, jobs, jobSummary, JOBS_ROUTE, onJobsChanged, stateColour } from "./jobs.js";
+import { tabPreviews } from "./validation_strip.js";
 
 /** One row per job, updated in place (a row rebuilt under the pointer would swallow a click). */
 function jobRow(job) {
@@ -19,7 +21,8 @@ function jobRow(job) {
   line.className = "lycoris-job-line";
   Object.assign(line.style, { whiteSpace: "normal", overflowWrap: "anywhere" }); // the whole message, wrapped
   const action = button("Cancel", () => action._lycorisRun?.());
-  text.append(title, line);
+  const previews = tabPreviews(job); // the validation strip (lib/validation_strip.js)
+  text.append(title, line, previews.el);
   row.append(text, action);
   return {
     row,
@@ -28,7 +31,9 @@ function jobRow(job) {
       line.textContent = line.title = jobSummary(job);
       line.style.color = stateColour(job);
       applyAction(action, jobAction(job, null, null));
+      previews.update();
     },
+    dispose: previews.dispose,
   };
 }
 
@@ -99,6 +104,7 @@ export function jobsTab() {
     },
     destroy() {
       unsubscribe?.();
+      for (const entry of rows.values()) entry.dispose();
       cancelAnimationFrame(frame);
       frame = 0;
       root = list = empty = null;
