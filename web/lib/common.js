@@ -1,6 +1,9 @@
 // Shared by the pack's widgets: callback chaining, a DPR-sized canvas that repaints once per frame,
-// text helpers and the colours of core/mask_plot.py.
+// the live-plot widget of the mask and schedule nodes, text helpers and the colours of core/mask_plot.py.
+import { api } from "../../../scripts/api.js";
 import { app } from "../../../scripts/app.js";
+
+const LIVE_FETCH_DELAY_MS = 150; // live plots wait for typing to pause before they ask the server
 
 // Colours of core/mask_plot.py, so the live widget and the executed image read alike.
 export const C = {
@@ -89,4 +92,71 @@ export function installStyles(id, css) {
   style.id = id;
   style.textContent = css;
   document.head.append(style);
+}
+
+/** A live plot under `node`'s widgets (T-LoRA mask, strength schedule): `paint(ctx, w, h)` draws `view`.
+ *  It refetches `route?query` (debounced) when one of `widgets` calls back, a link changes, a workflow loads,
+ *  the node runs (`view.ran` = `output[outputKey][0]`) or `watchKey()` changes (checked on every draw and
+ *  every 400 ms: Nodes 2.0 draws no canvas node). `prepare()` gives the fetch's `{query, ...}`; `done(ask,
+ *  dataset)` sees it again after `view.data` / `view.error` are set, for notes and the tests' dataset. */
+export function addLivePlot(node, view, { name, className, route, what, paint, widgets, outputKey, minHeight, height,
+                                          prepare, done, watchKey }) {
+  const frame = new FrameCanvas(paint, `${className}-canvas`);
+  const load = async () => {
+    const ask = prepare();
+    view.request?.abort();
+    const request = (view.request = new AbortController());
+    frame.canvas.dataset.state = "loading";
+    let state;
+    try {
+      const res = await api.fetchApi(`${route}?${ask.query}`, { signal: request.signal });
+      const body = await res.json().catch(() => ({}));
+      if (request.signal.aborted) return;
+      if (res.ok) { view.data = body; view.error = null; state = "ready"; }
+      else { view.error = body.error || `${what} route answered HTTP ${res.status}`; state = "error"; }
+    } catch (err) {
+      if (request.signal.aborted) return;
+      view.error = `${what} route unreachable: ${err.message || err}`;
+      state = "error";
+    }
+    done(ask, frame.canvas.dataset);
+    frame.canvas.dataset.query = ask.query; // read by the browser tests
+    frame.canvas.dataset.state = state;
+    frame.request();
+  };
+  const schedule = () => {
+    clearTimeout(view.timer);
+    view.timer = setTimeout(load, LIVE_FETCH_DELAY_MS);
+  };
+  const watch = () => {
+    const key = watchKey();
+    if (key !== view.key) { view.key = key; schedule(); }
+  };
+  for (const widgetName of widgets) {
+    const widget = node.widgets?.find((w) => w.name === widgetName);
+    if (widget) chain(widget, "callback", schedule);
+  }
+  const widget = node.addDOMWidget(name, className, frame.canvas, {
+    serialize: false, // not an input: keeps it out of the prompt
+    hideOnZoom: true,
+    getMinHeight: () => minHeight,
+    getHeight: () => height,
+    onDraw: () => { frame.fit(); watch(); },
+  });
+  widget.serialize = false; // and out of the workflow's widgets_values
+  chain(node, "onConfigure", schedule); // a loaded workflow sets values without callbacks
+  chain(node, "onConnectionsChange", schedule);
+  chain(node, "onExecuted", (output) => {
+    const ran = output?.[outputKey]?.[0];
+    if (ran) { view.ran = ran; schedule(); }
+  });
+  const poll = setInterval(watch, 400);
+  chain(node, "onRemoved", () => {
+    clearTimeout(view.timer);
+    clearInterval(poll);
+    view.request?.abort();
+    frame.dispose();
+  });
+  node.setSize?.([Math.max(node.size[0], 320), node.computeSize()[1]]);
+  schedule();
 }

@@ -4,8 +4,7 @@
 // the same route with the LyCORIS Config node's preset and JSON, or taken from the last run) and the
 // node's own rank / min_rank / alpha are disabled, as the run ignores them. The sampler's steps of the
 // last run with a model are marked, as on the executed image.
-import { api } from "../../../scripts/api.js";
-import { C, chain, FrameCanvas, label, paragraph } from "./common.js";
+import { addLivePlot, C, label, paragraph } from "./common.js";
 
 export const MASK_NODE = "LycorisTLoraMaskVisualizer";
 const MASK_ROUTE = "/lycoris/tlora/mask";
@@ -13,7 +12,6 @@ const MASK_WIDGETS = ["rank", "min_rank", "alpha", "compare_alphas"];
 const CONFIG_WIDGETS = ["rank", "min_rank", "alpha"]; // replaced by a connected config's values
 const SCHEDULE_WIDGETS = ["scheduler", "steps", "denoise"];
 const STEP_COLOUR = "rgb(240,60,60)"; // core/mask_plot.py STEP
-const FETCH_DELAY_MS = 150;
 const MASK_STEP = 5; // timestep spacing of the plotted columns
 
 function paintMask(ctx, w, h, view) {
@@ -110,7 +108,6 @@ function configSource(node) {
 /** The plot on a T-LoRA Mask Visualizer node: asks the server for r(t) whenever an input changes. */
 export function addMaskWidget(node) {
   const view = { data: null, error: null, note: "", timer: 0, request: null, key: "", ran: null, marks: null };
-  const frame = new FrameCanvas((ctx, w, h) => paintMask(ctx, w, h, view), "lycoris-mask-canvas");
   const widgetOf = (name) => node.widgets?.find((w) => w.name === name);
   const widgetValue = (name) => widgetOf(name)?.value;
   const modelLinked = () => node.inputs?.find((i) => i.name === "model")?.link != null;
@@ -169,73 +166,28 @@ export function addMaskWidget(node) {
     }
   };
 
-  const load = async () => {
-    const src = source();
-    const q = query(src);
-    syncWidgets(src);
-    view.request?.abort();
-    const request = (view.request = new AbortController());
-    frame.canvas.dataset.state = "loading";
-    let state;
-    try {
-      const res = await api.fetchApi(`${MASK_ROUTE}?${q}`, { signal: request.signal });
-      const body = await res.json().catch(() => ({}));
-      if (request.signal.aborted) return;
-      if (res.ok) { view.data = body; view.error = null; state = "ready"; }
-      else { view.error = body.error || `mask route answered HTTP ${res.status}`; state = "error"; }
-    } catch (err) {
-      if (request.signal.aborted) return;
-      view.error = `mask route unreachable: ${err.message || err}`;
-      state = "error";
-    }
-    updateMarks();
-    view.note = describe(src);
-    const c = frame.canvas.dataset; // read by the browser test
-    c.query = q;
-    c.source = src.kind;
-    c.rank = view.data ? String(view.data.rank) : "";
-    c.minRank = view.data ? String(view.data.min_rank) : "";
-    c.alpha = view.data ? String(Number(view.data.alphas[0])) : "";
-    c.marks = String(view.marks?.timesteps.length ?? 0);
-    c.state = state;
-    frame.request();
-  };
-  const schedule = () => {
-    clearTimeout(view.timer);
-    view.timer = setTimeout(load, FETCH_DELAY_MS);
-  };
-  /** Called on every draw: a change upstream (the config node's preset or JSON, a link) refetches. */
-  const watch = () => {
-    const src = source();
-    const key = `${src.kind}|${query(src)}|${modelLinked()}|${SCHEDULE_WIDGETS.map(widgetValue).join(",")}`;
-    if (key !== view.key) { view.key = key; schedule(); }
-  };
-
-  for (const name of MASK_WIDGETS) {
-    const widget = widgetOf(name);
-    if (widget) chain(widget, "callback", schedule);
-  }
-  const widget = node.addDOMWidget("mask_plot", "lycoris-mask", frame.canvas, {
-    serialize: false, // not an input: keeps it out of the prompt
-    hideOnZoom: true,
-    getMinHeight: () => 150,
-    getHeight: () => 190,
-    onDraw: () => { frame.fit(); watch(); },
+  addLivePlot(node, view, {
+    name: "mask_plot", className: "lycoris-mask", route: MASK_ROUTE, what: "mask",
+    paint: (ctx, w, h) => paintMask(ctx, w, h, view), widgets: MASK_WIDGETS, outputKey: "lycoris_mask",
+    minHeight: 150, height: 190,
+    prepare: () => {
+      const src = source();
+      syncWidgets(src);
+      return { query: query(src), src };
+    },
+    done: ({ src }, c) => {
+      updateMarks();
+      view.note = describe(src);
+      c.source = src.kind;
+      c.rank = view.data ? String(view.data.rank) : "";
+      c.minRank = view.data ? String(view.data.min_rank) : "";
+      c.alpha = view.data ? String(Number(view.data.alphas[0])) : "";
+      c.marks = String(view.marks?.timesteps.length ?? 0);
+    },
+    // a change upstream (the config node's preset or JSON, a link) refetches
+    watchKey: () => {
+      const src = source();
+      return `${src.kind}|${query(src)}|${modelLinked()}|${SCHEDULE_WIDGETS.map(widgetValue).join(",")}`;
+    },
   });
-  widget.serialize = false; // and out of the workflow's widgets_values
-  chain(node, "onConfigure", schedule); // a loaded workflow sets values without callbacks
-  chain(node, "onConnectionsChange", schedule);
-  chain(node, "onExecuted", (output) => {
-    const ran = output?.lycoris_mask?.[0];
-    if (ran) { view.ran = ran; schedule(); }
-  });
-  const poll = setInterval(watch, 400); // Nodes 2.0 draws no canvas node, so onDraw alone would miss edits upstream
-  chain(node, "onRemoved", () => {
-    clearTimeout(view.timer);
-    clearInterval(poll);
-    view.request?.abort();
-    frame.dispose();
-  });
-  node.setSize?.([Math.max(node.size[0], 320), node.computeSize()[1]]);
-  schedule();
 }

@@ -3,8 +3,7 @@
 // GET /lycoris/strength/schedule (core.strength_shape, the pack's one copy of the schedule); this module
 // only draws them. Steps: the last run's with a model connected (the model's real sigma schedule; dashed
 // once steps / scheduler changed since), else evenly spaced, as the node plots without a model.
-import { api } from "../../../scripts/api.js";
-import { C, chain, FrameCanvas, label, paragraph } from "./common.js";
+import { addLivePlot, C, label, paragraph } from "./common.js";
 
 export const SCHEDULE_NODE = "LycorisStrengthSchedule";
 const SCHEDULE_ROUTE = "/lycoris/strength/schedule";
@@ -13,7 +12,6 @@ const STEP_WIDGETS = ["steps", "scheduler"]; // a run's marks are stale once the
 const WINDOW_WIDGETS = ["start", "end", "ramp"]; // used in window mode; keyframes in keyframes mode
 const CURVE_COLOUR = "rgb(90,200,255)"; // nodes/schedule_nodes.py plot
 const STEP_COLOUR = "rgb(255,190,60)";
-const FETCH_DELAY_MS = 150;
 
 function paintSchedule(ctx, w, h, view) {
   ctx.fillStyle = C.bg;
@@ -99,7 +97,6 @@ function paintSchedule(ctx, w, h, view) {
 /** The plot on a LyCORIS Strength Schedule node: asks the server for the curve whenever a widget changes. */
 export function addScheduleWidget(node) {
   const view = { data: null, error: null, note: "", timer: 0, request: null, key: "", ran: null, marks: null };
-  const frame = new FrameCanvas((ctx, w, h) => paintSchedule(ctx, w, h, view), "lycoris-schedule-canvas");
   const widgetOf = (name) => node.widgets?.find((w) => w.name === name);
   const widgetValue = (name) => widgetOf(name)?.value;
   const modelLinked = () => node.inputs?.find((i) => i.name === "model")?.link != null;
@@ -130,72 +127,25 @@ export function addScheduleWidget(node) {
     }
   };
 
-  const load = async () => {
-    const steps = stepSource();
-    const q = query(steps);
-    syncWidgets();
-    view.request?.abort();
-    const request = (view.request = new AbortController());
-    frame.canvas.dataset.state = "loading";
-    let state;
-    try {
-      const res = await api.fetchApi(`${SCHEDULE_ROUTE}?${q}`, { signal: request.signal });
-      const body = await res.json().catch(() => ({}));
-      if (request.signal.aborted) return;
-      if (res.ok) { view.data = body; view.error = null; state = "ready"; }
-      else { view.error = body.error || `schedule route answered HTTP ${res.status}`; state = "error"; }
-    } catch (err) {
-      if (request.signal.aborted) return;
-      view.error = `schedule route unreachable: ${err.message || err}`;
-      state = "error";
-    }
-    view.marks = view.data ? { ...view.data.marks, stale: steps === "stale" } : null;
-    view.note = !modelLinked() ? "steps evenly spaced (no model)"
-      : steps === "even" ? "run to mark the model's steps"
-        : steps === "stale" ? "last run's steps: run to update" : "";
-    const c = frame.canvas.dataset; // read by the browser test
-    c.query = q;
-    c.steps = steps;
-    c.marks = String(view.marks?.percents.length ?? 0);
-    c.keyframes = view.data ? JSON.stringify(view.data.keyframes) : "";
-    c.state = state;
-    frame.request();
-  };
-  const schedule = () => {
-    clearTimeout(view.timer);
-    view.timer = setTimeout(load, FETCH_DELAY_MS);
-  };
-  /** Called on every draw and poll: a link, a value set without a callback, a run. */
-  const watch = () => {
-    const key = `${query("even")}|${widgetValue("scheduler")}|${modelLinked()}|${stepSource()}`;
-    if (key !== view.key) { view.key = key; schedule(); }
-  };
-
-  for (const name of [...CURVE_WIDGETS, "scheduler"]) {
-    const widget = widgetOf(name);
-    if (widget) chain(widget, "callback", schedule);
-  }
-  const widget = node.addDOMWidget("schedule_plot", "lycoris-schedule", frame.canvas, {
-    serialize: false, // not an input: keeps it out of the prompt
-    hideOnZoom: true,
-    getMinHeight: () => 140,
-    getHeight: () => 170,
-    onDraw: () => { frame.fit(); watch(); },
+  addLivePlot(node, view, {
+    name: "schedule_plot", className: "lycoris-schedule", route: SCHEDULE_ROUTE, what: "schedule",
+    paint: (ctx, w, h) => paintSchedule(ctx, w, h, view), widgets: [...CURVE_WIDGETS, "scheduler"],
+    outputKey: "lycoris_schedule", minHeight: 140, height: 170,
+    prepare: () => {
+      const steps = stepSource();
+      syncWidgets();
+      return { query: query(steps), steps };
+    },
+    done: ({ steps }, c) => {
+      view.marks = view.data ? { ...view.data.marks, stale: steps === "stale" } : null;
+      view.note = !modelLinked() ? "steps evenly spaced (no model)"
+        : steps === "even" ? "run to mark the model's steps"
+          : steps === "stale" ? "last run's steps: run to update" : "";
+      c.steps = steps;
+      c.marks = String(view.marks?.percents.length ?? 0);
+      c.keyframes = view.data ? JSON.stringify(view.data.keyframes) : "";
+    },
+    // a link, a value set without a callback, a run
+    watchKey: () => `${query("even")}|${widgetValue("scheduler")}|${modelLinked()}|${stepSource()}`,
   });
-  widget.serialize = false; // and out of the workflow's widgets_values
-  chain(node, "onConfigure", schedule); // a loaded workflow sets values without callbacks
-  chain(node, "onConnectionsChange", schedule);
-  chain(node, "onExecuted", (output) => {
-    const ran = output?.lycoris_schedule?.[0];
-    if (ran) { view.ran = ran; schedule(); }
-  });
-  const poll = setInterval(watch, 400); // Nodes 2.0 draws no canvas node, so onDraw alone would miss edits
-  chain(node, "onRemoved", () => {
-    clearTimeout(view.timer);
-    clearInterval(poll);
-    view.request?.abort();
-    frame.dispose();
-  });
-  node.setSize?.([Math.max(node.size[0], 320), node.computeSize()[1]]);
-  schedule();
 }
