@@ -44,14 +44,16 @@ def configs() -> dict[str, LycorisConfig]:
 
 
 @torch.no_grad()
-def write(config: LycorisConfig, unet_config: dict, path: Path, seed: int = 11) -> Path:
-    """Build the adapter with LyCORIS on the diffusers skeleton, randomise it and save it."""
+def write(config: LycorisConfig, unet_config: dict, path: Path, seed: int = 11, family: str = "flux2",
+          device: str = "cpu") -> Path:
+    """Build the adapter with LyCORIS on the diffusers skeleton of `family` (`device="meta"`: no base
+    weights, for real widths), randomise it and save it."""
     import logging
 
     from lycoris import LycorisNetwork, create_lycoris
 
     logging.getLogger("LyCORIS").setLevel(logging.WARNING)  # one INFO line per module otherwise
-    model = profile_named("flux2").build_skeleton(unet_config, device="cpu")
+    model = profile_named(family).build_skeleton(unet_config, device=device)
     with skip_lycoris_gc():
         LycorisNetwork.apply_preset(config.preset.as_lycoris_preset())
         network = create_lycoris(model, config.multiplier, config.linear_dim, config.linear_alpha,

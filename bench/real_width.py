@@ -32,10 +32,8 @@ import torch
 
 from comfyui_lycoris.core import api, host
 from comfyui_lycoris.core.config import parse_config
-from comfyui_lycoris.core.families import profile_named
-from comfyui_lycoris.core.lycoris_modules import skip_lycoris_gc
 
-from . import measure, train_cases
+from . import adapters, measure, train_cases
 from .env import REPO, WORK
 
 MODEL = "flux1-real-width-545M"
@@ -94,31 +92,10 @@ def forward(patcher, inp: dict) -> torch.Tensor:
                                          guidance=inp["guidance"], transformer_options=options)
 
 
-@torch.no_grad()
 def write_adapter(name: str, unet_config: dict, seed: int = 11):
     """The adapter LyCORIS itself makes on the diffusers twin (on `meta`), random non-zero, saved by LyCORIS."""
-    import logging
-
-    from lycoris import LycorisNetwork, create_lycoris
-
-    logging.getLogger("LyCORIS").setLevel(logging.WARNING)
     config = parse_config({**ADAPTERS[name], "apply_preset": BLOCK_TARGETS})
-    twin = profile_named("flux1").build_skeleton(unet_config, device="meta")
-    with skip_lycoris_gc():
-        LycorisNetwork.apply_preset(config.preset.as_lycoris_preset())
-        network = create_lycoris(twin, config.multiplier, config.linear_dim, config.linear_alpha,
-                                 **config.lycoris_kwargs())
-    gen = torch.Generator().manual_seed(seed)
-    for lora in network.loras:
-        for pname, p in lora.named_parameters():
-            if not pname.startswith("org_"):
-                noise = torch.randn(p.shape, generator=gen)
-                p.copy_(noise * (0.15 if p.ndim < 2 else 0.15 / p.shape[-1] ** 0.25))
-    network.apply_to()
-    path = WORK / MODEL / f"{name}.safetensors"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    network.save_weights(str(path), torch.float32, {"lycoris_config": config.to_json()})
-    return path
+    return adapters.write(config, unet_config, WORK / MODEL / f"{name}.safetensors", seed, family="flux1", device="meta")
 
 
 class Flux1Step(train_cases.OursStep):

@@ -20,3 +20,23 @@ def train_prompt(steps: int, output_name: str, save_every: int = 5) -> dict:
             "save_every": save_every, "keep_last": 2, "nan_policy": "stop", "output_name": output_name,
             "resume": False}},
     }
+
+
+def adapter_chain(g: dict, model: list, latent: list, adapter_name: str | None, strength: float = 1.0, *,
+                  ab: str | None = None, merge: bool = False) -> tuple[list, list]:
+    """Add Load LyCORIS -> Apply (or A/B over `ab`, or Merge) to `g` between `model` and the sampler;
+    returns the (model, latent) links the sampler takes. No adapter: `g` unchanged."""
+    if not adapter_name:
+        return model, latent
+    g["load"] = {"class_type": "LycorisLoad", "inputs": {"model": model, "lora_name": adapter_name, "strict": True}}
+    if ab:
+        g["ab"] = {"class_type": "LycorisAB", "inputs": {"model": model, "adapter": ["load", 0], "strengths": ab,
+                                                        "latent": latent}}
+        return ["ab", 0], ["ab", 1]
+    if merge:
+        g["merge"] = {"class_type": "LycorisMerge", "inputs": {"model": model, "adapter": ["load", 0],
+                                                              "strength": strength, "tlora_timestep": -1}}
+        return ["merge", 0], latent
+    g["apply"] = {"class_type": "LycorisApply", "inputs": {"model": model, "adapter": ["load", 0],
+                                                          "strength": strength}}
+    return ["apply", 0], latent

@@ -198,18 +198,24 @@ def _final_file(run: _Run) -> Path:
     return Path(run.world.broadcast_text(written))
 
 
-def _start_ema(run: _Run, start: int) -> None:
-    """Take the init file before step 0, then start the EMA (main process): from the checkpoint's shadow when
-    resuming, else from the adapter as it is now."""
+def _take_init_lora(run: _Run, start: int) -> None:
+    """A fresh run (not a resume) starts from the tensors of `spec.init_lora`, when it names a file."""
     spec = run.spec
-    if start == 0 and spec.init_lora:
-        if run.folders.init_lora is None:
-            raise JobStopped(f"init_lora: {spec.init_lora} not found in the loras folder")
-        try:
-            taken = load_init_lora(run.folders.init_lora, run.trainable)
-        except InitLoraError as err:
-            raise JobStopped(str(err)) from None
-        run.reporter.say(f"init_lora: started from {spec.init_lora} ({taken} tensors)")
+    if start > 0 or not spec.init_lora:
+        return
+    if run.folders.init_lora is None:
+        raise JobStopped(f"init_lora: {spec.init_lora} not found in the loras folder")
+    try:
+        taken = load_init_lora(run.folders.init_lora, run.trainable)
+    except InitLoraError as err:
+        raise JobStopped(str(err)) from None
+    run.reporter.say(f"init_lora: started from {spec.init_lora} ({taken} tensors)")
+
+
+def _start_ema(run: _Run, start: int) -> None:
+    """Start the EMA (main process): from the checkpoint's shadow when resuming, else from the adapter as it
+    is now (after the init file)."""
+    spec = run.spec
     if spec.ema_decay <= 0 or not run.world.is_main:
         return
     run.ema = AdapterEMA(run.trainable.named_parameters(), spec.ema_decay, spec.ema_update_interval)
@@ -259,6 +265,7 @@ def _run_training(spec: JobSpec, name: str, patcher: Any, data: TrainingSet, fol
     generator = torch.Generator().manual_seed(spec.seed)
     run = _Run(spec, name, reporter, trainable, optimizer, generator, folders, config, world, patcher, validation)
     start = _resume(run, resume)
+    _take_init_lora(run, start)
     _start_ema(run, start)
     world.sync_start(start, trainable.parameters())
     if start >= spec.steps:

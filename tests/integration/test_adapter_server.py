@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from graphs import adapter_chain
 from lycoris_reference import save_random_lycoris_file
 from safetensors.torch import load_file
 
@@ -39,20 +40,7 @@ def graph(adapter_name: str | None, strength: float = 1.0, *, ab: str | None = N
         "latent": {"class_type": "EmptyFlux2LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
     }
     model, latent = ["model", 0], ["latent", 0]
-    if adapter_name:
-        g["load"] = {"class_type": "LycorisLoad", "inputs": {"model": model, "lora_name": adapter_name, "strict": True}}
-        if ab:
-            g["ab"] = {"class_type": "LycorisAB", "inputs": {"model": model, "adapter": ["load", 0], "strengths": ab,
-                                                            "latent": latent}}
-            model, latent = ["ab", 0], ["ab", 1]
-        elif merge:
-            g["merge"] = {"class_type": "LycorisMerge", "inputs": {"model": model, "adapter": ["load", 0],
-                                                                  "strength": strength, "tlora_timestep": -1}}
-            model = ["merge", 0]
-        else:
-            g["apply"] = {"class_type": "LycorisApply", "inputs": {"model": model, "adapter": ["load", 0],
-                                                                  "strength": strength}}
-            model = ["apply", 0]
+    model, latent = adapter_chain(g, model, latent, adapter_name, strength, ab=ab, merge=merge)
     g["sample"] = {"class_type": "KSampler", "inputs": {
         "model": model, "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": latent, "seed": 7,
         "steps": 3, "cfg": 2.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}}

@@ -39,6 +39,7 @@ from pathlib import Path
 import model_files
 import pytest
 import torch
+from graphs import adapter_chain
 from lycoris_reference import lycoris_network
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -211,20 +212,7 @@ def sample_graph(real: Real, adapter_name: str | None = None, strength: float = 
     g = model_nodes(real, weight_dtype)
     g["latent"] = {"class_type": real.latent, "inputs": {"width": 128, "height": 128, "batch_size": 1}}
     model, latent = ["loader", 0], ["latent", 0]
-    if adapter_name:
-        g["load"] = {"class_type": "LycorisLoad", "inputs": {"model": model, "lora_name": adapter_name, "strict": True}}
-        if ab:
-            g["ab"] = {"class_type": "LycorisAB", "inputs": {"model": model, "adapter": ["load", 0], "strengths": ab,
-                                                            "latent": latent}}
-            model, latent = ["ab", 0], ["ab", 1]
-        elif merge:
-            g["merge"] = {"class_type": "LycorisMerge", "inputs": {"model": model, "adapter": ["load", 0],
-                                                                  "strength": strength, "tlora_timestep": -1}}
-            model = ["merge", 0]
-        else:
-            g["apply"] = {"class_type": "LycorisApply", "inputs": {"model": model, "adapter": ["load", 0],
-                                                                  "strength": strength}}
-            model = ["apply", 0]
+    model, latent = adapter_chain(g, model, latent, adapter_name, strength, ab=ab, merge=merge)
     g["sample"] = {"class_type": "KSampler", "inputs": {
         "model": model, "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": latent, "seed": 7,
         "steps": steps, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}}
