@@ -40,6 +40,14 @@ def _resident(adapter) -> int:
     return sum(measure.storages(adapter).values())
 
 
+def _largest_layer_bytes(patcher, adapter) -> int:
+    """Bytes of the largest base weight the adapter adapts: the issue's transient allowance is the
+    adapter plus one adapted layer's weight (a rebuilt window of W' and LoHa's block of ΔW)."""
+    root = patcher.model.diffusion_model
+    weights = (root.get_submodule(path).weight for path in adapter.by_comfy_module())
+    return max(w.numel() * w.element_size() for w in weights)
+
+
 def _peak(apply, inputs, resident: int, base_peak: int) -> int:
     unload_all()
     peak, _ = measure.peak_tensor_bytes(lambda: forward(apply(), inputs))
@@ -79,10 +87,13 @@ def memory(ctx: Context) -> list[dict]:
         peak = _peak(ours_apply1(name), inputs, _resident(adapters[name]), base_peak)
         rows.append(ctx.row(f"kept_memory_vs_adapter_{name}", float(kept), "adapter tensors (file)", float(size),
                             kept_note + " / the adapter's own tensors", unit="bytes", target="<= 1.05"))
+        allowed = (size + _largest_layer_bytes(ours_base, adapters[name])) / size
         rows.append(ctx.row(f"peak_memory_vs_adapter_{name}", float(peak), "adapter tensors (file)", float(size),
-                            peak_note + " / the adapter's own tensors", unit="bytes", target="<= 1.05"))
+                            peak_note + " / the adapter's own tensors; allowed: the adapter plus its largest "
+                            "adapted layer's weight (transient)", unit="bytes", target=f"<= {allowed:.2f}"))
         ctx.check(f"kept memory <= adapter size + 5% ({name})", kept <= 1.05 * size,
                   f"{kept / size:.3f}x of {size / 2**20:.2f} MiB")
-        ctx.check(f"peak added memory <= adapter size + 5% ({name})", peak <= 1.05 * size,
-                  f"{peak / size:.3f}x of {size / 2**20:.2f} MiB (transient bypass buffers included)")
+        ctx.check(f"peak added memory <= adapter + one adapted layer's weight ({name})", peak <= allowed * size,
+                  f"{peak / size:.3f}x of {size / 2**20:.2f} MiB, allowed {allowed:.2f}x "
+                  "(transient bypass buffers included)")
     return rows

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import scratch
 from .adapters.base import PASS_MACS
 from .dropout import ModuleDraw
 from .families import Route
@@ -152,7 +153,8 @@ def active(state: CallState) -> Iterator[None]:
     """Make `state` the one the hooks see in this context (thread) for the duration."""
     token = _ACTIVE.set(state)
     try:
-        yield
+        with scratch.scope():  # rebuilt layers share their transient buffers for the call
+            yield
     finally:
         _ACTIVE.reset(token)
 
@@ -225,10 +227,14 @@ def _base_weights(module: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tenso
             None if bias is None else bias.to(device=x.device, dtype=x.dtype))
 
 
-# Rows of W' built per step of a rebuilt linear forward: bounds the transient W' of a big layer
-# (16 MiB in fp32) while keeping each window's product large. (Smaller, cache-sized windows were
-# measured slower on CPU: each product repacks x.)
-_WINDOW_ELEMENTS = 1 << 22
+# Bytes of W' built per step of a rebuilt linear forward: bounds the transient W' of a big layer
+# while keeping each window's product large; a layer is cut into as few windows as fit, of equal
+# size. With LoHa's block of ΔW rows (as large: `lowrank._CHUNK_BYTES`) a rebuilt layer holds at
+# most 8 MiB, less than the largest bench-model layer's weight (4608 x 512 fp32: 9 MiB). Measured on
+# CPU (2 threads, bench model, LoHa r16): equal 3, 4 and 5 MiB windows within noise of each other,
+# 5% less of the base forward than the former 16 MiB windows over 4 MiB blocks cut unevenly (2048 +
+# 2048 + 512 rows); cache-sized windows are slower (each product repacks x and pays fixed costs).
+_WINDOW_BYTES = 4 << 20
 
 
 def _op(module: torch.nn.Module, kind: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
@@ -353,15 +359,17 @@ class _Plan:
 
     def run(self, x: torch.Tensor, strengths: Sequence[float]) -> torch.Tensor:
         """The op with W' + b' (no autograd). A linear layer's W' is built a window of output rows at a
-        time (`_WINDOW_ELEMENTS`), each window just before its product, so the transient stays bounded."""
+        time (`_WINDOW_BYTES`), each window just before its product, so the transient stays bounded."""
         rebuilt = self.rebuilt(x, strengths)
         if self.kind != "linear" or not rebuilt.changed:
             return _op(self.module, self.kind, x, *rebuilt.full())
         weight, bias = rebuilt.weight, rebuilt.bias
         x2 = x.reshape(-1, x.shape[-1])
         y = x2.new_empty((x2.shape[0], weight.shape[0]))
-        step = max(1, _WINDOW_ELEMENTS // max(1, weight[0].numel()))
-        buffer = weight.new_empty((min(step, weight.shape[0]), *weight.shape[1:]))
+        rows = weight.shape[0]
+        windows = -(-weight.numel() * weight.element_size() // _WINDOW_BYTES)  # as few as fit, equal in size
+        step = -(-rows // max(1, windows))
+        buffer = scratch.take("window", (step, *weight.shape[1:]), weight)
         for lo in range(0, weight.shape[0], step):
             hi = min(weight.shape[0], lo + step)
             window = rebuilt.rows(lo, hi, buffer[: hi - lo])

@@ -14,6 +14,7 @@ import torch
 from lycoris.functional import locon, loha
 from lycoris.functional.general import weight_decompose
 
+from .. import scratch
 from .base import (
     KERNEL_BACKEND,
     PASS_MACS,
@@ -82,10 +83,10 @@ def _rows_writer(dst: torch.Tensor, src: torch.Tensor | None, n: int) -> tuple[t
     return dst.view(n, -1), (None if src is None else src.reshape(n, -1))
 
 
-# Bytes of a LoHa ΔW built per step (one scratch block of rows). Measured on CPU (2 threads, fp32 and
-# bf16, 512- and 3072-wide layers): 256 KiB blocks cost 1.5-3x more than 4 MiB ones (each block's two
-# rank-r products pay a fixed cost); bench: 4 MiB gives LoHa 1.42x the base forward (1 MiB 1.60x,
-# 256 KiB 2.40x) for 4 MiB of transient scratch, below one real layer's weight (3072² bf16: 18 MiB).
+# Bytes of a LoHa ΔW built per step (one scratch block of rows), as large as the runtime's window
+# (`runtime._WINDOW_BYTES`), so that each window of W' is one block: two rank-r products and one
+# addcmul. Each block's products pay a fixed cost: measured on CPU (2 threads, fp32 and bf16, 512-
+# and 3072-wide layers), 256 KiB blocks cost 1.5-3x more than 4 MiB ones.
 _CHUNK_BYTES = 4 << 20
 
 
@@ -236,16 +237,22 @@ class LoHaAdapter(LowRankAdapter):
     def _fast_rebuild(self) -> bool:
         return self.wd_on_out is None and not self.tucker
 
-    def _khatri_rao_applies(self) -> bool:
+    def _khatri_rao_macs(self, tokens: int) -> float:
+        """Cost of the delta as a rank-r² chain (its factors built per call too); inf where it cannot run."""
         L = self.layer
-        return not self.tucker and L.groups == 1 and self.dim**2 * (L.out_features + self._flat_in) < \
-            L.out_features * self._flat_in
+        if self.tucker or L.groups != 1:
+            return math.inf
+        return (float(tokens) + PASS_MACS) * self.dim**2 * (L.out_features + self._flat_in)
+
+    def _khatri_rao_pays(self, tokens: int) -> bool:
+        """Whether the rank-r² chain beats building ΔW and multiplying by it (LyCORIS's bypass)."""
+        return self._khatri_rao_macs(tokens) < self._delta_weight_macs(tokens)
+
+    def _delta_weight_macs(self, tokens: int) -> float:
+        return (2.0 * self.dim + PASS_MACS) * self._weight_numel() + float(tokens) * self._weight_numel()
 
     def delta_macs(self, tokens):
-        L = self.layer
-        if self._khatri_rao_applies():  # the rank-r² factors are built per call too
-            return (float(tokens) + PASS_MACS) * self.dim**2 * (L.out_features + self._flat_in)
-        return (2.0 * self.dim + PASS_MACS) * self._weight_numel() + float(tokens) * self._weight_numel()
+        return min(self._khatri_rao_macs(tokens), self._delta_weight_macs(tokens))
 
     def rebuild_macs(self):
         return 2.0 * self.dim * self._weight_numel()
@@ -261,7 +268,7 @@ class LoHaAdapter(LowRankAdapter):
 
         def write(dst, src, d, n):
             dst2, src2 = _rows_writer(dst, src, n)
-            q = dst2.new_empty((min(n, chunk), dst2.shape[1]))
+            q = scratch.take("block", (min(n, chunk), dst2.shape[1]), dst2)
             for s0 in range(0, n, chunk):
                 e0 = min(n, s0 + chunk)
                 rows, qs = dst2[s0:e0], q[: e0 - s0]
@@ -286,9 +293,27 @@ class LoHaAdapter(LowRankAdapter):
         down = (w1b[:, None, :] * w2b[None, :, :]).reshape(r * r, L.in_features, *L.kernel_size)
         return up, down
 
+    def add_output_(self, x, output, blocks, strength):
+        """Linear LoHa through the Khatri-Rao chain, added in place: output[rows] += (strength*scale) (x Vᵀ) Uᵀ.
+
+        One addmm per row block with the scale as its alpha: no output-sized temporaries (the
+        delta, its scaled copy) and no separate add, as LoRA's `add_output_`.
+        """
+        if self.layer.is_conv or self.wd_on_out is not None or not output.is_contiguous() \
+                or not self._khatri_rao_pays(x.numel() // max(1, x.shape[-1])):
+            return False
+        up, down = self._khatri_rao(x)
+        hidden = torch.nn.functional.linear(x, down).reshape(-1, up.shape[1])
+        flat = output.view(-1, output.shape[-1])
+        alpha = self.scale * strength
+        for c, d, n in blocks if blocks is not None else ((0, 0, up.shape[0]),):
+            flat[:, c : c + n].addmm_(hidden, up[d : d + n].t(), alpha=alpha)
+        return True
+
     def _delta_output(self, x, base_weight, rank_mask):
         L = self.layer
-        if self._khatri_rao_applies():
+        channels = x.shape[1] if L.is_conv else x.shape[-1]
+        if self._khatri_rao_pays(x.numel() // max(1, channels)):
             # Cheaper than LyCORIS's bypass (which builds ΔW every call): the same ΔW as a rank-r² chain.
             up, down = self._khatri_rao(x)
             return locon.bypass_forward_diff(x, None, down, up, None, gamma=self.scale, extra_args=L.conv_kwargs,

@@ -78,6 +78,9 @@ def _setup(seed=0, trainable=False):
     q2 = _adapter("q2", {"lokr_w1": _rand(gen, 2, 2), "lokr_w2_a": _rand(gen, 8, 2), "lokr_w2_b": _rand(gen, 2, 16),
                          "alpha": torch.tensor(1.5)}, lin)  # a = 2, decomposed w2
     k2 = _adapter("k2", {"diff": _rand(gen, H, IN, scale=0.1), "diff_b": _rand(gen, H)}, lin)
+    # rank 2: its delta path is the rank-4 Khatri-Rao chain, added into the fused output in place
+    v2 = _adapter("v2", {"hada_w1_a": _rand(gen, H, 2), "hada_w1_b": _rand(gen, 2, IN), "hada_w2_a": _rand(gen, H, 2),
+                         "hada_w2_b": _rand(gen, 2, IN), "alpha": torch.tensor(1.0)}, lin)
     proj_full = _adapter("pf", {"diff": _rand(gen, IN, H, scale=0.1), "diff_b": _rand(gen, IN)}, (IN, H))
     proj_dora = _adapter("pd", {"lora_up.weight": _rand(gen, IN, 2), "lora_down.weight": _rand(gen, 2, H),
                                 "alpha": torch.tensor(1.0),
@@ -90,7 +93,7 @@ def _setup(seed=0, trainable=False):
                                 "hada_w2_a": _rand(gen, 12, 2), "hada_w2_b": _rand(gen, 2, 72)}, (12, 8, 3, 3),
                          "conv", padding=1)
     if trainable:
-        for adapter in (q, k, v, q2, k2):
+        for adapter in (q, k, v, q2, k2, v2):
             for key, tensor in adapter.params.items():
                 if key != "alpha":
                     tensor.requires_grad_(True)
@@ -99,13 +102,14 @@ def _setup(seed=0, trainable=False):
              "proj": [ModuleBinding("pf", proj_full, Route("proj"))],
              "swap": [ModuleBinding("s", swap, Route("swap", ((0, 8, 8), (8, 0, 8))))],
              "conv": [ModuleBinding("cl", conv_lokr, Route("conv"))]}
-    second = {"qkv": [ModuleBinding("q2", q2, Route.rows("qkv", 0, H)), ModuleBinding("k2", k2, Route.rows("qkv", H, H))],
+    second = {"qkv": [ModuleBinding("q2", q2, Route.rows("qkv", 0, H)), ModuleBinding("k2", k2, Route.rows("qkv", H, H)),
+                      ModuleBinding("v2", v2, Route.rows("qkv", 2 * H, H))],
               "proj": [ModuleBinding("pd", proj_dora, Route("proj"))],
               "swap": [ModuleBinding("s2", swap2, Route("swap", ((0, 8, 8), (8, 0, 8))))],
               "conv": [ModuleBinding("ch", conv_loha, Route("conv"))]}
     tl = {"qkv": [ModuleBinding("v_t", v_t, Route.rows("qkv", 2 * H, H))]}
     install_hooks(model, ["qkv", "proj", "swap", "conv"])
-    leaves = [t for a in (q, k, v, q2, k2) for t in a.params.values() if t.requires_grad]
+    leaves = [t for a in (q, k, v, q2, k2, v2) for t in a.params.values() if t.requires_grad]
     return model, [first, second, tl], leaves
 
 
@@ -171,7 +175,7 @@ TOLERANCE = {torch.float32: 2e-6, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 @pytest.mark.parametrize("dtype", list(TOLERANCE), ids=str)
 def test_rebuilt_weight_equals_delta_path_and_exact_merge(dtype, strengths, window, monkeypatch):
     if window is not None:  # W' built a few rows at a time, windows cutting across slices and LoKr blocks
-        monkeypatch.setattr(runtime, "_WINDOW_ELEMENTS", window)
+        monkeypatch.setattr(runtime, "_WINDOW_BYTES", window * torch.finfo(dtype).bits // 8)
         monkeypatch.setattr(lowrank, "_CHUNK_BYTES", 1)  # and LoHa's ΔW one row per block
     model, bindings, _ = _setup()
     apps = _apps(bindings, strengths)
@@ -186,6 +190,15 @@ def test_rebuilt_weight_equals_delta_path_and_exact_merge(dtype, strengths, wind
         original(self, weight, bias, bindings, strengths)
 
     monkeypatch.setattr(runtime._Rebuilt, "__init__", spy)
+    chained = []  # adapters whose delta went straight into the output (LoHa v2: its Khatri-Rao chain)
+    add_output = lowrank.LoHaAdapter.add_output_
+
+    def spy_add(self, *args):
+        done = add_output(self, *args)
+        chained.extend([self.lora_name] if done else [])
+        return done
+
+    monkeypatch.setattr(lowrank.LoHaAdapter, "add_output_", spy_add)
     outs = {"rebuild": _run(model, apps, inputs, "rebuild")}
     folded = set(assembled)
     outs.update({policy: _run(model, apps, inputs, policy) for policy in ("delta", "auto")})
@@ -198,7 +211,8 @@ def test_rebuilt_weight_equals_delta_path_and_exact_merge(dtype, strengths, wind
             assert _close(out[name], ref[name], tol), f"{name} {policy}: {float((out[name].double() - ref[name]).abs().max()):.3g}"
         assert _close(outs["rebuild"][name], outs["delta"][name], tol), name
     # Every stacked module but T-LoRA's went into the rebuilt weights (the row-permuted one, the conv too).
-    assert {("q", "k", "v", "q2", "k2"), ("pf", "pd"), ("s", "s2"), ("cl", "ch")} <= folded, folded
+    assert {("q", "k", "v", "q2", "k2", "v2"), ("pf", "pd"), ("s", "s2"), ("cl", "ch")} <= folded, folded
+    assert "v2" in chained and "k" not in chained, chained  # k (rank 4 on 16x32): ΔW is cheaper
 
 
 def test_strength_zero_is_exactly_the_base():
