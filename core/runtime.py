@@ -227,16 +227,6 @@ def _base_weights(module: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tenso
             None if bias is None else bias.to(device=x.device, dtype=x.dtype))
 
 
-# Bytes of W' built per step of a rebuilt linear forward: bounds the transient W' of a big layer
-# while keeping each window's product large; a layer is cut into as few windows as fit, of equal
-# size. With LoHa's block of ΔW rows (as large: `lowrank._CHUNK_BYTES`) a rebuilt layer holds at
-# most 8 MiB, less than the largest bench-model layer's weight (4608 x 512 fp32: 9 MiB). Measured on
-# CPU (2 threads, bench model, LoHa r16): equal 3, 4 and 5 MiB windows within noise of each other,
-# 5% less of the base forward than the former 16 MiB windows over 4 MiB blocks cut unevenly (2048 +
-# 2048 + 512 rows); cache-sized windows are slower (each product repacks x and pays fixed costs).
-_WINDOW_BYTES = 4 << 20
-
-
 def _op(module: torch.nn.Module, kind: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
     return F.linear(x, weight, bias) if kind == "linear" else module._conv_forward(x, weight, bias)
 
@@ -359,25 +349,26 @@ class _Plan:
 
     def run(self, x: torch.Tensor, strengths: Sequence[float]) -> torch.Tensor:
         """The op with W' + b' (no autograd). A linear layer's W' is built a window of output rows at a
-        time (`_WINDOW_BYTES`), each window just before its product, so the transient stays bounded."""
+        time (`scratch.window_rows`), each window just before its product, so the transient stays bounded."""
         rebuilt = self.rebuilt(x, strengths)
         if self.kind != "linear" or not rebuilt.changed:
             return _op(self.module, self.kind, x, *rebuilt.full())
         weight, bias = rebuilt.weight, rebuilt.bias
-        x2 = x.reshape(-1, x.shape[-1])
-        y = x2.new_empty((x2.shape[0], weight.shape[0]))
         rows = weight.shape[0]
-        windows = -(-weight.numel() * weight.element_size() // _WINDOW_BYTES)  # as few as fit, equal in size
-        step = -(-rows // max(1, windows))
+        step = scratch.window_rows(rows, weight[0].numel() * weight.element_size())
         buffer = scratch.take("window", (step, *weight.shape[1:]), weight)
-        for lo in range(0, weight.shape[0], step):
-            hi = min(weight.shape[0], lo + step)
+        if step >= rows:  # one window: the base's own op, with W'
+            return F.linear(x, rebuilt.rows(0, rows, buffer), bias)
+        x2 = x.reshape(-1, x.shape[-1])
+        y = x2.new_empty((x2.shape[0], rows))
+        for lo in range(0, rows, step):
+            hi = min(rows, lo + step)
             window = rebuilt.rows(lo, hi, buffer[: hi - lo])
             if bias is None:
                 torch.mm(x2, window.t(), out=y[:, lo:hi])
             else:
                 torch.addmm(bias[lo:hi], x2, window.t(), out=y[:, lo:hi])
-        return y if x.ndim == 2 else y.view(*x.shape[:-1], weight.shape[0])
+        return y if x.ndim == 2 else y.view(*x.shape[:-1], rows)
 
 
 def _rebuilt_output(module: torch.nn.Module, kind: str, x: torch.Tensor, rebuild: list[_Active]) -> torch.Tensor:

@@ -83,13 +83,6 @@ def _rows_writer(dst: torch.Tensor, src: torch.Tensor | None, n: int) -> tuple[t
     return dst.view(n, -1), (None if src is None else src.reshape(n, -1))
 
 
-# Bytes of a LoHa ΔW built per step (one scratch block of rows), as large as the runtime's window
-# (`runtime._WINDOW_BYTES`), so that each window of W' is one block: two rank-r products and one
-# addcmul. Each block's products pay a fixed cost: measured on CPU (2 threads, fp32 and bf16, 512-
-# and 3072-wide layers), 256 KiB blocks cost 1.5-3x more than 4 MiB ones.
-_CHUNK_BYTES = 4 << 20
-
-
 class LoRAAdapter(LowRankAdapter):
     algo = "lora"
     SCALED_KEYS = ("lora_up.weight",)
@@ -264,11 +257,15 @@ class LoHaAdapter(LowRankAdapter):
         w1a, w1b, w2a, w2b = (self._p(k, like) for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"))
         w1b, w2b = w1b.reshape(self.dim, -1), w2b.reshape(self.dim, -1)
         value = float(strength) * self.scale
-        chunk = max(1, _CHUNK_BYTES // (w1b.shape[1] * w1b.element_size()))
+        row_bytes = w1b.shape[1] * w1b.element_size()
 
         def write(dst, src, d, n):
+            # ΔW in blocks as large as the runtime's windows of W' (`scratch.window_rows`): a window
+            # is one block, two rank-r products and one addcmul (each block's products pay a fixed
+            # cost: 256 KiB blocks cost 1.5-3x more than 4 MiB ones on CPU).
             dst2, src2 = _rows_writer(dst, src, n)
-            q = scratch.take("block", (min(n, chunk), dst2.shape[1]), dst2)
+            chunk = scratch.window_rows(n, row_bytes)
+            q = scratch.take("block", (chunk, dst2.shape[1]), dst2)
             for s0 in range(0, n, chunk):
                 e0 = min(n, s0 + chunk)
                 rows, qs = dst2[s0:e0], q[: e0 - s0]

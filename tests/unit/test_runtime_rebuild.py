@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from comfyui_lycoris.core import runtime
+from comfyui_lycoris.core import runtime, scratch
 from comfyui_lycoris.core.adapters import LayerSpec, lowrank, parse_module
 from comfyui_lycoris.core.families import Route
 from comfyui_lycoris.core.families.base import take_rows
@@ -175,8 +175,8 @@ TOLERANCE = {torch.float32: 2e-6, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 @pytest.mark.parametrize("dtype", list(TOLERANCE), ids=str)
 def test_rebuilt_weight_equals_delta_path_and_exact_merge(dtype, strengths, window, monkeypatch):
     if window is not None:  # W' built a few rows at a time, windows cutting across slices and LoKr blocks
-        monkeypatch.setattr(runtime, "_WINDOW_BYTES", window * torch.finfo(dtype).bits // 8)
-        monkeypatch.setattr(lowrank, "_CHUNK_BYTES", 1)  # and LoHa's ΔW one row per block
+        monkeypatch.setattr(scratch, "WINDOW_BYTES", window * torch.finfo(dtype).bits // 8)
+        monkeypatch.setattr(scratch, "WINDOW_MIN_ROWS", 1)  # LoHa's ΔW then in blocks of a few rows too
     model, bindings, _ = _setup()
     apps = _apps(bindings, strengths)
     inputs = _inputs(dtype)
