@@ -153,7 +153,9 @@ def active(state: CallState) -> Iterator[None]:
     """Make `state` the one the hooks see in this context (thread) for the duration."""
     token = _ACTIVE.set(state)
     try:
-        with scratch.scope():  # rebuilt layers share their transient buffers for the call
+        # Sampling: the rebuilt layers of the call share their transient buffers. Training keeps
+        # allocating per layer: a buffer held for the whole forward would add to the step's peak.
+        with scratch.scope() if not torch.is_grad_enabled() else contextlib.nullcontext():
             yield
     finally:
         _ACTIVE.reset(token)
@@ -355,7 +357,8 @@ class _Plan:
             return _op(self.module, self.kind, x, *rebuilt.full())
         weight, bias = rebuilt.weight, rebuilt.bias
         rows = weight.shape[0]
-        step = scratch.window_rows(rows, weight[0].numel() * weight.element_size())
+        blocks = max((binding.adapter.rebuild_blocks() for binding in self.bindings), default=0)
+        step = scratch.window_rows(rows, weight[0].numel() * weight.element_size(), 1 + blocks)
         buffer = scratch.take("window", (step, *weight.shape[1:]), weight)
         if step >= rows:  # one window: the base's own op, with W'
             return F.linear(x, rebuilt.rows(0, rows, buffer), bias)

@@ -297,6 +297,11 @@ class ModuleAdapter:
         the runtime charges `PASS_MACS` per element and pass)."""
         return 4.0
 
+    def rebuild_blocks(self) -> int:
+        """Scratch blocks, each as large as the window of W' it writes, that `weight_writer` takes:
+        the runtime shrinks its windows so that all fit its budget (`scratch.window_rows`)."""
+        return 0
+
     def grad_macs(self, tokens: int) -> float:
         """Multiply-adds of `leaf_grads` for `tokens` rows (default: grad_W' = g^T x, one full-size product)."""
         return float(tokens) * self._weight_numel()

@@ -250,8 +250,11 @@ class LoHaAdapter(LowRankAdapter):
     def rebuild_macs(self):
         return 2.0 * self.dim * self._weight_numel()
 
+    def rebuild_blocks(self) -> int:
+        return 1 if self._fast_rebuild() else 0  # (w2a w2b) rows beside the window they multiply into
+
     def weight_writer(self, like, strength, base_weight=None):
-        """dst = src + (strength * scale) (w1a w1b) ⊙ (w2a w2b), built in row chunks that stay in cache."""
+        """dst = src + (strength * scale) (w1a w1b) ⊙ (w2a w2b), (w2a w2b) built in a scratch block of rows."""
         if not self._fast_rebuild():
             return super().weight_writer(like, strength, base_weight)
         w1a, w1b, w2a, w2b = (self._p(k, like) for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"))
@@ -264,7 +267,7 @@ class LoHaAdapter(LowRankAdapter):
             # is one block, two rank-r products and one addcmul (each block's products pay a fixed
             # cost: 256 KiB blocks cost 1.5-3x more than 4 MiB ones on CPU).
             dst2, src2 = _rows_writer(dst, src, n)
-            chunk = scratch.window_rows(n, row_bytes)
+            chunk = scratch.window_rows(n, row_bytes, 2)
             q = scratch.take("block", (chunk, dst2.shape[1]), dst2)
             for s0 in range(0, n, chunk):
                 e0 = min(n, s0 + chunk)
