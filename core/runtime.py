@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from . import scratch
-from .adapters.base import PASS_MACS
+from .adapters.base import PASS_MACS, pass_cost
 from .dropout import ModuleDraw
 from .families import Route
 from .strength_shape import scaled
@@ -312,19 +312,23 @@ def _split(module: torch.nn.Module, kind: str, actives: list[_Active], x: torch.
             (post if grad else rebuild).append(act)
         elif not adapter.can_rebuild or policy == "delta":
             post.append(act)
-        elif policy == "rebuild" or _rebuild_pays(adapter, tokens, grad and trains[id(act)]):
+        elif policy == "rebuild" or _rebuild_pays(adapter, tokens, grad and trains[id(act)], x.dtype):
             rebuild.append(act)
         else:
             post.append(act)
     return rebuild, post
 
 
-def _rebuild_pays(adapter, tokens: int, training: bool) -> bool:
-    """Whether building W' beats the delta product (forward; or forward twice + backward when training)."""
-    build = adapter.rebuild_macs() + PASS_MACS * adapter.rebuild_passes() * math.prod(adapter.layer.weight_shape)
+def _rebuild_pays(adapter, tokens: int, training: bool, dtype: torch.dtype = torch.float32) -> bool:
+    """Whether building W' beats the delta product (forward; or forward twice + backward when training).
+
+    Sampling prices passes for the call's dtype (`pass_cost`); training keeps the fp32 price, which
+    `core.memory_estimate` follows too (the path decides what a step saves for backward)."""
+    passes = PASS_MACS if training else pass_cost(dtype)
+    build = adapter.rebuild_macs() + passes * adapter.rebuild_passes() * math.prod(adapter.layer.weight_shape)
     if training:
         return adapter.grad_macs(tokens) + 3 * build < 4 * adapter.delta_macs(tokens)
-    return build < adapter.delta_macs(tokens)
+    return build < adapter.delta_macs(tokens, passes)
 
 
 # -- the rebuilt-weight path ------------------------------------------------------------------

@@ -38,6 +38,18 @@ _CONV_OPS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 # (read + write) costs about this many per element: measured on CPU (AVX-512, fp32) at ~17 for a
 # tensor that stays in cache and ~50 for one that does not.
 PASS_MACS = 32.0
+# In bfloat16 the matmuls run on matrix units (AMX on this CPU, tensor cores on GPUs) while passes
+# stay bound by memory: measured on this CPU, 2 threads, an add costs 125 multiply-adds of a large
+# bf16 matmul per element (61 in fp32), an addcmul 284 (91), a rank-16 product 94 (21); LoHa r16 on
+# 3072-wide layers at 1280 tokens: rebuilt W' 1.46-1.71x the base product, its Khatri-Rao chain
+# 1.23-1.26x (fp32: 1.10-1.28x vs 1.11-1.22x). fp16 matmuls were not accelerated here (6.75 ps per
+# multiply-add, as fp32): it keeps the fp32 value. GPUs: not measured.
+_PASS_MACS_BY_DTYPE = {torch.bfloat16: 256.0}
+
+
+def pass_cost(dtype: torch.dtype) -> float:
+    """PASS_MACS for tensors of `dtype` (the cost model's price of one elementwise pass)."""
+    return _PASS_MACS_BY_DTYPE.get(dtype, PASS_MACS)
 
 
 class AdapterError(ValueError):
@@ -284,8 +296,9 @@ class ModuleAdapter:
 
     # -- the rebuilt-weight path (see core.runtime) --
 
-    def delta_macs(self, tokens: int) -> float:
-        """Multiply-adds of `delta_output` for `tokens` input rows (default: one full-size product)."""
+    def delta_macs(self, tokens: int, pass_macs: float = PASS_MACS) -> float:
+        """Multiply-adds of `delta_output` for `tokens` input rows (default: one full-size product);
+        `pass_macs`: what an elementwise pass over one element costs (`pass_cost`)."""
         return float(tokens) * self._weight_numel()
 
     def rebuild_macs(self) -> float:

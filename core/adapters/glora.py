@@ -12,7 +12,7 @@ import torch
 from lycoris.functional import locon
 from lycoris.modules.glora import _glora_weight
 
-from .base import KERNEL_BACKEND, LayerSpec, ModuleAdapter, alpha_scale, expect_shape, fail, require
+from .base import KERNEL_BACKEND, PASS_MACS, LayerSpec, ModuleAdapter, alpha_scale, expect_shape, fail, require
 
 
 class GLoRAAdapter(ModuleAdapter):
@@ -47,7 +47,7 @@ class GLoRAAdapter(ModuleAdapter):
         else:
             expect_shape(name, "b2.weight", p["b2.weight"], (r, L.in_features, *L.kernel_size))
 
-    def delta_macs(self, tokens):
+    def delta_macs(self, tokens, pass_macs=PASS_MACS):
         L = self.layer
         # W a1 once per call, then x through a2, (W a1) and the b chain: rank-sized products.
         return float(self.dim) * self._weight_numel() + float(tokens) * self.dim * 2 * (L.in_features + L.out_features)

@@ -13,7 +13,7 @@ import math
 import torch
 from lycoris.functional.lokr import kron_bypass, kron_weight
 
-from .base import KERNEL_BACKEND, LayerSpec, alpha_scale, expect_shape, fail, grads_through, require
+from .base import KERNEL_BACKEND, PASS_MACS, LayerSpec, alpha_scale, expect_shape, fail, grads_through, require
 from .lowrank import LowRankAdapter
 
 _FACTORS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
@@ -115,7 +115,7 @@ class LoKrAdapter(LowRankAdapter):
         w2 = w2 if w2 is not None else w2a @ w2b.reshape(w2b.shape[0], -1)
         return w1, w2.reshape(w2.shape[0], -1)
 
-    def delta_macs(self, tokens):
+    def delta_macs(self, tokens, pass_macs=PASS_MACS):
         a, c = self._w1_shape()
         b, d_flat = self.layer.out_features // a, self._flat_in // c
         if "lokr_w2" in self.params:

@@ -23,6 +23,7 @@ from .base import (
     alpha_scale,
     expect_shape,
     fail,
+    pass_cost,
     require,
 )
 
@@ -122,7 +123,7 @@ class LoRAAdapter(LowRankAdapter):
     def _fast_rebuild(self) -> bool:
         return self.wd_on_out is None and "lora_mid.weight" not in self.params
 
-    def delta_macs(self, tokens):
+    def delta_macs(self, tokens, pass_macs=PASS_MACS):
         return float(tokens) * self.dim * (self._flat_in + self.layer.out_features)
 
     def rebuild_macs(self):
@@ -230,22 +231,24 @@ class LoHaAdapter(LowRankAdapter):
     def _fast_rebuild(self) -> bool:
         return self.wd_on_out is None and not self.tucker
 
-    def _khatri_rao_macs(self, tokens: int) -> float:
+    def _khatri_rao_macs(self, tokens: int, pass_macs: float) -> float:
         """Cost of the delta as a rank-r² chain (its factors built per call too); inf where it cannot run."""
         L = self.layer
         if self.tucker or L.groups != 1:
             return math.inf
-        return (float(tokens) + PASS_MACS) * self.dim**2 * (L.out_features + self._flat_in)
+        return (float(tokens) + pass_macs) * self.dim**2 * (L.out_features + self._flat_in)
 
-    def _khatri_rao_pays(self, tokens: int) -> bool:
-        """Whether the rank-r² chain beats building ΔW and multiplying by it (LyCORIS's bypass)."""
-        return self._khatri_rao_macs(tokens) < self._delta_weight_macs(tokens)
+    def _delta_weight_macs(self, tokens: int, pass_macs: float) -> float:
+        return (2.0 * self.dim + pass_macs) * self._weight_numel() + float(tokens) * self._weight_numel()
 
-    def _delta_weight_macs(self, tokens: int) -> float:
-        return (2.0 * self.dim + PASS_MACS) * self._weight_numel() + float(tokens) * self._weight_numel()
+    def _khatri_rao_pays(self, x: torch.Tensor) -> bool:
+        """Whether, for input x, the rank-r² chain beats building ΔW and multiplying by it (LyCORIS's bypass)."""
+        tokens = x.numel() // max(1, x.shape[1] if self.layer.is_conv else x.shape[-1])
+        passes = pass_cost(x.dtype)
+        return self._khatri_rao_macs(tokens, passes) < self._delta_weight_macs(tokens, passes)
 
-    def delta_macs(self, tokens):
-        return min(self._khatri_rao_macs(tokens), self._delta_weight_macs(tokens))
+    def delta_macs(self, tokens, pass_macs=PASS_MACS):
+        return min(self._khatri_rao_macs(tokens, pass_macs), self._delta_weight_macs(tokens, pass_macs))
 
     def rebuild_macs(self):
         return 2.0 * self.dim * self._weight_numel()
@@ -300,7 +303,7 @@ class LoHaAdapter(LowRankAdapter):
         delta, its scaled copy) and no separate add, as LoRA's `add_output_`.
         """
         if self.layer.is_conv or self.wd_on_out is not None or not output.is_contiguous() \
-                or not self._khatri_rao_pays(x.numel() // max(1, x.shape[-1])):
+                or not self._khatri_rao_pays(x):
             return False
         up, down = self._khatri_rao(x)
         hidden = torch.nn.functional.linear(x, down).reshape(-1, up.shape[1])
@@ -312,8 +315,7 @@ class LoHaAdapter(LowRankAdapter):
 
     def _delta_output(self, x, base_weight, rank_mask):
         L = self.layer
-        channels = x.shape[1] if L.is_conv else x.shape[-1]
-        if self._khatri_rao_pays(x.numel() // max(1, channels)):
+        if self._khatri_rao_pays(x):
             # Cheaper than LyCORIS's bypass (which builds ΔW every call): the same ΔW as a rank-r² chain.
             up, down = self._khatri_rao(x)
             return locon.bypass_forward_diff(x, None, down, up, None, gamma=self.scale, extra_args=L.conv_kwargs,

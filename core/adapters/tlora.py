@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from lycoris.functional.locon import diff_weight as lora_diff_weight
 
-from .base import KERNEL_BACKEND, LayerSpec, ModuleAdapter, alpha_scale, expect_shape, fail, require
+from .base import KERNEL_BACKEND, PASS_MACS, LayerSpec, ModuleAdapter, alpha_scale, expect_shape, fail, require
 
 _BASE = ("base_q", "base_p", "base_lambda")
 
@@ -77,7 +77,7 @@ class TLoRAAdapter(ModuleAdapter):
     def can_rebuild(self) -> bool:
         return False  # the rank mask differs per sample: always the bypass chain
 
-    def delta_macs(self, tokens):
+    def delta_macs(self, tokens, pass_macs=PASS_MACS):
         return float(tokens) * 2 * self.rank * (self.layer.in_features + self.layer.out_features)
 
     def _ensure_base(self, base_weight: torch.Tensor | None) -> None:

@@ -328,3 +328,19 @@ def test_sampling_a_bf16_model_leaves_the_adapter_as_the_file(flux2, name, tmp_p
     assert saved.keys() == original.keys()
     for key, tensor in saved.items():
         assert tensor.dtype == original[key].dtype and _same_bits(tensor, original[key]), key
+
+
+def test_sampling_prices_passes_by_dtype():
+    """bf16 matmuls run on matrix units while elementwise passes do not (core.adapters.base.pass_cost):
+    a 3072-wide LoHa r16 at 1280 tokens is rebuilt when sampling in fp32 and runs its Khatri-Rao chain
+    in bf16; training keeps the fp32 price whatever the dtype (the memory estimate follows it)."""
+    gen = torch.Generator().manual_seed(3)
+    width, rank = 3072, 16
+    loha = _adapter("w", {"hada_w1_a": _rand(gen, width, rank), "hada_w1_b": _rand(gen, rank, width),
+                          "hada_w2_a": _rand(gen, width, rank), "hada_w2_b": _rand(gen, rank, width),
+                          "alpha": torch.tensor(8.0)}, (width, width))
+    assert runtime._rebuild_pays(loha, 1280, False, torch.float32)
+    assert not runtime._rebuild_pays(loha, 1280, False, torch.bfloat16)
+    assert loha._khatri_rao_pays(torch.zeros(1280, width, dtype=torch.bfloat16))
+    for dtype in (torch.float32, torch.bfloat16):
+        assert runtime._rebuild_pays(loha, 1280, True, dtype) == runtime._rebuild_pays(loha, 1280, True)
