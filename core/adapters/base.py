@@ -307,7 +307,7 @@ class ModuleAdapter:
 
     def rebuild_passes(self) -> float:
         """Weight-sized elementwise passes of `weight_writer` (the generic float32 route takes several;
-        the runtime charges `PASS_MACS` per element and pass)."""
+        the runtime charges `pass_cost(dtype)` per element and pass)."""
         return 4.0
 
     def rebuild_blocks(self) -> int:

@@ -84,6 +84,16 @@ def _rows_writer(dst: torch.Tensor, src: torch.Tensor | None, n: int) -> tuple[t
     return dst.view(n, -1), (None if src is None else src.reshape(n, -1))
 
 
+def _add_chain_(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, output: torch.Tensor, blocks,
+                alpha: float) -> None:
+    """output[rows] += alpha (x downᵀ) upᵀ for a linear rank chain: one addmm per row block of the route
+    (`blocks`, None: all rows in order) into the contiguous output, no output-sized temporaries."""
+    hidden = torch.nn.functional.linear(x, down).reshape(-1, down.shape[0])
+    flat = output.view(-1, output.shape[-1])
+    for c, d, n in blocks if blocks is not None else ((0, 0, up.shape[0]),):
+        flat[:, c : c + n].addmm_(hidden, up[d : d + n].t(), alpha=alpha)
+
+
 class LoRAAdapter(LowRankAdapter):
     algo = "lora"
     SCALED_KEYS = ("lora_up.weight",)
@@ -155,11 +165,7 @@ class LoRAAdapter(LowRankAdapter):
         if self.layer.is_conv or self.wd_on_out is not None or not output.is_contiguous():
             return False
         down, up, _ = self._factors(x)
-        hidden = torch.nn.functional.linear(x, down).reshape(-1, self.dim)
-        flat = output.view(-1, output.shape[-1])
-        alpha = self.scale * strength
-        for c, d, n in blocks if blocks is not None else ((0, 0, up.shape[0]),):
-            flat[:, c : c + n].addmm_(hidden, up[d : d + n].t(), alpha=alpha)
+        _add_chain_(x, down, up, output, blocks, self.scale * strength)
         return True
 
     def _delta_output(self, x, base_weight, rank_mask):
@@ -306,11 +312,7 @@ class LoHaAdapter(LowRankAdapter):
                 or not self._khatri_rao_pays(x):
             return False
         up, down = self._khatri_rao(x)
-        hidden = torch.nn.functional.linear(x, down).reshape(-1, up.shape[1])
-        flat = output.view(-1, output.shape[-1])
-        alpha = self.scale * strength
-        for c, d, n in blocks if blocks is not None else ((0, 0, up.shape[0]),):
-            flat[:, c : c + n].addmm_(hidden, up[d : d + n].t(), alpha=alpha)
+        _add_chain_(x, down, up, output, blocks, self.scale * strength)
         return True
 
     def _delta_output(self, x, base_weight, rank_mask):
