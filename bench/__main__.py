@@ -45,23 +45,13 @@ def selected(only: str) -> list[str]:
 
 
 def case_functions() -> dict[str, Callable]:
-    """Case name -> function(ctx) returning rows. `memory_estimate` only where bench/memory_estimate.py exists."""
-    from . import cases, memory, train_cases
+    """Case name -> function(ctx) returning rows."""
+    from . import cases, memory, memory_estimate, real_width, train_cases
 
-    found = {"bypass_forward": cases.bypass_forward, "strength_change": cases.strength_change,
-             "sweep": cases.sweep, "memory": memory.memory, "training": train_cases.training,
-             "variants": cases.variants}
-    if (Path(__file__).parent / "memory_estimate.py").exists():  # helper H2's module, where present
-        from . import memory_estimate
-
-        fn = next((getattr(memory_estimate, n) for n in ("memory_estimate", "rows", "run")
-                   if callable(getattr(memory_estimate, n, None))), None)
-        if fn is not None:
-            found["memory_estimate"] = fn
-    from . import real_width  # issue 16: rows at real layer width (a 545 M Flux 1), `--only real_width`
-
-    found["real_width"] = real_width.real_width
-    return found
+    return {"bypass_forward": cases.bypass_forward, "strength_change": cases.strength_change,
+            "sweep": cases.sweep, "memory": memory.memory, "training": train_cases.training,
+            "memory_estimate": memory_estimate.memory_estimate, "real_width": real_width.real_width,
+            "variants": cases.variants}
 
 
 def run_model(name: str, repeats: int, wanted: list[str]) -> tuple[list[dict], list[dict], bool]:
@@ -79,16 +69,11 @@ def run_model(name: str, repeats: int, wanted: list[str]) -> tuple[list[dict], l
     ctx = cases.Context(ours, core, files, repeats)
     rows, failed = [], False
     for case in wanted:
-        if case not in functions:
-            print(f"[{name}] {case}: not available (bench/{case}.py absent), skipped", flush=True)
-            continue
         start = time.perf_counter()
         try:
             rows += functions[case](ctx)
         except Exception:
-            if case in ("bypass_forward", "strength_change", "sweep", "memory", "training"):
-                raise
-            failed = True  # an optional case must not take the others down; its error is reported and fails the run
+            failed = True  # one case must not take the others down; its error is reported and fails the run
             traceback.print_exc()
             ctx.check(f"{case} runs", False, traceback.format_exc().strip().splitlines()[-1])
         print(f"[{name}] {case}: {time.perf_counter() - start:.1f} s", flush=True)
