@@ -39,7 +39,7 @@ TOLERANCE = 0.15
 
 @dataclass
 class TrainingStep:
-    """One job step of `preset` on `patcher`, set up as `trainer.loop.run_training` sets it up."""
+    """One job step of `preset` on `patcher`, set up by `trainer.loop.prepare` as a job sets it up."""
 
     patcher: Any
     plan: Any
@@ -55,45 +55,24 @@ class TrainingStep:
 
     @classmethod
     def build(cls, patcher: Any, preset: str, latent_hw: tuple[int, int], batch: int = 1,
-              text_tokens: int = TEXT_TOKENS, dtype: torch.dtype = torch.float32) -> TrainingStep:
+              text_tokens: int = TEXT_TOKENS) -> TrainingStep:
         from comfyui_lycoris.core import host
-        from comfyui_lycoris.core.config import parse_config
-        from comfyui_lycoris.core.targets import plan_for
-        from comfyui_lycoris.trainer.optimizers import build_optimizer
-        from comfyui_lycoris.trainer.predict import (
-            ComfyPredictor,
-            encode_conditioning,
-            model_space_latents,
-            objective_for_model,
-            stack_conditioning,
-        )
+        from comfyui_lycoris.trainer.loop import prepare
+        from comfyui_lycoris.trainer.predict import encode_conditioning, model_space_latents, stack_conditioning
         from comfyui_lycoris.trainer.spec import JobSpec
         from comfyui_lycoris.trainer.step import Batch
-        from comfyui_lycoris.trainer.trainable import TrainableAdapter, comfy_base_weights
 
         spec = JobSpec(config_json=(REPO / "configs" / f"{preset}.json").read_text())
-        config = parse_config(spec.config_json)
-        device = host.prepare_for_training(patcher)
-        host.detach_from_inference_mode(patcher)
-        host.freeze_base(patcher)
-        unet_config = host.model_unet_config(patcher)
-        plan = plan_for(config, unet_config)
-        trainable = TrainableAdapter.from_plan(plan, unet_config, comfy_base_weights(patcher.model.diffusion_model),
-                                               config, seed=spec.seed, dtype=dtype, device=device, init_device=device)
-        optimizer = build_optimizer(spec, trainable.parameters())
-        objective = objective_for_model(patcher.model, trainable.family, shift=spec.flow_shift or 3.0,
-                                        resolution_dependent=spec.flow_shift == 0, guidance=spec.guidance,
-                                        min_snr_gamma=spec.min_snr_gamma or None)
+        setup = prepare(spec, patcher)
         channels, pixels_per_cell = host.latent_layout(patcher)
         latent = torch.randn(batch, channels, *latent_hw, generator=torch.Generator().manual_seed(4321))
-        x0 = model_space_latents(patcher.model, latent.to(device))
+        x0 = model_space_latents(patcher.model, latent.to(setup.device))
         cond = encode_conditioning(patcher.model, host.tiny_conditioning(patcher, CAPTION, text_tokens), x0,
                                    spec.guidance)
         tokens = cond["c_crossattn"].shape[1]  # after the model's own padding (Flux 2: 512)
-        return cls(patcher, plan, dict(unet_config), trainable, optimizer, objective,
-                   ComfyPredictor(patcher.model, trainable), Batch(x0, stack_conditioning([cond])),
-                   torch.Generator().manual_seed(spec.seed),
-                   (latent_hw[1] * pixels_per_cell, latent_hw[0] * pixels_per_cell), int(tokens))
+        return cls(patcher, setup.trainable.plan, dict(host.model_unet_config(patcher)), setup.trainable,
+                   setup.optimizer, setup.objective, setup.predict, Batch(x0, stack_conditioning([cond])),
+                   setup.generator, (latent_hw[1] * pixels_per_cell, latent_hw[0] * pixels_per_cell), int(tokens))
 
     def run(self, checkpointing: bool) -> None:
         from comfyui_lycoris.core import host

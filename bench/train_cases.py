@@ -49,22 +49,18 @@ from typing import Any
 import torch
 
 from comfyui_lycoris.core import host
-from comfyui_lycoris.core.config import parse_config
-from comfyui_lycoris.core.targets import plan_for
 from comfyui_lycoris.trainer.checkpointing import gradient_checkpointing, memory_mode, snapshot_saved_tensors
-from comfyui_lycoris.trainer.loop import training_step
-from comfyui_lycoris.trainer.optimizers import build_optimizer
+from comfyui_lycoris.trainer.loop import prepare, training_step
 from comfyui_lycoris.trainer.predict import (
     DIFFUSION_MODEL_WRAPPER,
     ComfyPredictor,
     encode_conditioning,
     model_space_latents,
-    objective_for_model,
     stack_conditioning,
 )
 from comfyui_lycoris.trainer.spec import JobSpec
 from comfyui_lycoris.trainer.step import Batch, batch_loss
-from comfyui_lycoris.trainer.trainable import TrainableAdapter, comfy_base_weights
+from comfyui_lycoris.trainer.trainable import TrainableAdapter
 
 from . import measure
 from .env import REPO
@@ -117,22 +113,11 @@ class OursStep:
 
     @classmethod
     def build(cls, preset: str, patcher: Any) -> OursStep:
-        """What `run_training` sets up before its loop (no job folders, no data set)."""
+        """What `run_training` sets up before its loop (`trainer.loop.prepare`; no job folders, no data set)."""
         spec = JobSpec(config_json=(REPO / "configs" / f"{preset}.json").read_text())
-        config = parse_config(spec.config_json)
-        device = host.prepare_for_training(patcher)
-        host.detach_from_inference_mode(patcher)
-        host.freeze_base(patcher)
-        unet_config = host.model_unet_config(patcher)
-        trainable = TrainableAdapter.from_plan(plan_for(config, unet_config), unet_config,
-                                               comfy_base_weights(patcher.model.diffusion_model), config,
-                                               seed=spec.seed, dtype=torch.float32, device=device, init_device=device)
-        optimizer = build_optimizer(spec, trainable.parameters())
-        objective = objective_for_model(patcher.model, trainable.family, shift=spec.flow_shift or 3.0,
-                                        resolution_dependent=spec.flow_shift == 0, guidance=spec.guidance,
-                                        min_snr_gamma=spec.min_snr_gamma or None)
-        return cls(preset, patcher, trainable, spec, optimizer, objective, ComfyPredictor(patcher.model, trainable),
-                   torch.Generator().manual_seed(spec.seed))
+        setup = prepare(spec, patcher)
+        return cls(preset, patcher, setup.trainable, spec, setup.optimizer, setup.objective, setup.predict,
+                   setup.generator)
 
     def batch(self, size: tuple[int, int] = SMALL) -> Batch:
         """The step's batch, encoded once per size as `_encoded_items` does, assembled as `_next_batch` does."""

@@ -235,6 +235,42 @@ def _validate(run: _Run, step: int, adapter: Any = None) -> None:
     run.reporter.preview(previews, seconds)
 
 
+@dataclass
+class Setup:
+    """What a job builds on its model before the first step (`prepare`)."""
+
+    config: Any  # the parsed LycorisConfig
+    device: torch.device
+    trainable: TrainableAdapter
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator  # the job's: noise, timesteps, dropouts (checkpointed with the job)
+    objective: Objective
+    predict: ComfyPredictor
+
+
+def prepare(spec: JobSpec, patcher: Any) -> Setup:
+    """Make `patcher`'s model trainable (on its device, out of inference mode, base frozen) and build
+    `spec`'s adapter, optimizer, objective and predictor on it, as a job does before its loop. The
+    bench's training rows build their steps with this very function."""
+    config = parse_config(spec.config_json)
+    device = host.prepare_for_training(patcher)
+    host.detach_from_inference_mode(patcher)
+    host.freeze_base(patcher)
+    unet_config = host.model_unet_config(patcher)
+    trainable = TrainableAdapter.from_plan(plan_for(config, unet_config), unet_config,
+                                           comfy_base_weights(patcher.model.diffusion_model), config, seed=spec.seed,
+                                           dtype=TORCH_DTYPES[spec.dtype], device=device, init_device=device,
+                                           init_lokr_norm=spec.init_lokr_norm)
+    generator = torch.Generator().manual_seed(spec.seed)
+    objective = objective_for_model(patcher.model, trainable.family, shift=spec.flow_shift or 3.0,
+                                    resolution_dependent=spec.flow_shift == 0, guidance=spec.guidance,
+                                    min_snr_gamma=spec.min_snr_gamma or None)
+    # LyCORIS trains with the config's multiplier on every module's output (SimpleTuner passes it on).
+    predict = ComfyPredictor(patcher.model, trainable, strength=config.multiplier, generator=generator)
+    return Setup(config, device, trainable, build_optimizer(spec, trainable.parameters()), generator, objective,
+                 predict)
+
+
 def run_training(spec: JobSpec, name: str, patcher: Any, data: TrainingSet, folders: Folders, reporter: Reporter,
                  world: World | None = None, resume: bool = False, validation: Validation | None = None) -> Outcome:
     """Train `spec` on `patcher` (a ComfyUI MODEL, whose weights keep their values) and `data`.
@@ -251,37 +287,23 @@ def run_training(spec: JobSpec, name: str, patcher: Any, data: TrainingSet, fold
 
 def _run_training(spec: JobSpec, name: str, patcher: Any, data: TrainingSet, folders: Folders, reporter: Reporter,
                   world: World, resume: bool, validation: Validation | None) -> Outcome:
-    config = parse_config(spec.config_json)
     reporter.pause_while_busy()  # setup loads, copies and encodes: not while a prompt runs
-    device = host.prepare_for_training(patcher)
-    host.detach_from_inference_mode(patcher)
-    host.freeze_base(patcher)
-    unet_config = host.model_unet_config(patcher)
-    plan = plan_for(config, unet_config)
-    trainable = TrainableAdapter.from_plan(plan, unet_config, comfy_base_weights(patcher.model.diffusion_model), config,
-                                           seed=spec.seed, dtype=TORCH_DTYPES[spec.dtype], device=device,
-                                           init_device=device, init_lokr_norm=spec.init_lokr_norm)
-    optimizer = build_optimizer(spec, trainable.parameters())
-    generator = torch.Generator().manual_seed(spec.seed)
-    run = _Run(spec, name, reporter, trainable, optimizer, generator, folders, config, world, patcher, validation)
+    setup = prepare(spec, patcher)
+    trainable, optimizer, generator, predict = setup.trainable, setup.optimizer, setup.generator, setup.predict
+    run = _Run(spec, name, reporter, trainable, optimizer, generator, folders, setup.config, world, patcher, validation)
     start = _resume(run, resume)
     _take_init_lora(run, start)
     _start_ema(run, start)
     world.sync_start(start, trainable.parameters())
     if start >= spec.steps:
         return Outcome(None, start, f"already complete: step {start} of {spec.steps}; nothing changed")
-    objective = objective_for_model(patcher.model, trainable.family, shift=spec.flow_shift or 3.0,
-                                    resolution_dependent=spec.flow_shift == 0, guidance=spec.guidance,
-                                    min_snr_gamma=spec.min_snr_gamma or None)
     reporter.pause_while_busy()
-    items = _encoded_items(patcher, data, device, spec.guidance)
+    items = _encoded_items(patcher, data, setup.device, spec.guidance)
     empty = None
     if data.empty_conditioning is not None:
         empty = {k: v.clone() if isinstance(v, torch.Tensor) else v
                  for k, v in encode_conditioning(patcher.model, data.empty_conditioning, items[0][0], spec.guidance).items()}
     order = data.batches(spec.batch_size, spec.seed, start=start * spec.grad_accumulation)  # resume: same order
-    # LyCORIS trains with the config's multiplier on every module's output (SimpleTuner passes it on).
-    predict = ComfyPredictor(patcher.model, trainable, strength=config.multiplier, generator=generator)
     run.step = start
     if start == 0:
         _validate(run, 0)
@@ -295,7 +317,7 @@ def _run_training(spec: JobSpec, name: str, patcher: Any, data: TrainingSet, fol
         for group in optimizer.param_groups:
             group["lr"] = lr
         batches = [_next_batch(data, items, order, generator, empty) for _ in range(spec.grad_accumulation)]
-        result = training_step(predict, objective, batches, optimizer, generator,
+        result = training_step(predict, setup.objective, batches, optimizer, generator,
                                checkpointing=spec.gradient_checkpointing, max_grad_norm=spec.max_grad_norm or None,
                                world=world)
         if not result.finite:
@@ -313,7 +335,7 @@ def _run_training(spec: JobSpec, name: str, patcher: Any, data: TrainingSet, fol
             _validate(run, step + 1)
     _checkpoint(run, run.step)
     path = _final_file(run)
-    final = trainable.to_loaded(name, config)
+    final = trainable.to_loaded(name, setup.config)
     reporter.publish(final, run.checkpoint)
     _validate(run, run.step, final)
     return Outcome(path, run.step, f"finished {run.step} steps; adapter saved to {path}")
