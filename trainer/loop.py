@@ -23,7 +23,7 @@ import torch
 
 from ..core import host
 from ..core.adapter_file import PACK_PREFIX, adapter_metadata, free_adapter_name, write_adapter
-from ..core.config import parse_config
+from ..core.config import LycorisConfig, parse_config
 from ..core.dtypes import TORCH_DTYPES
 from ..core.modelspec import modelspec_metadata, title_for
 from ..core.targets import plan_for
@@ -239,7 +239,7 @@ def _validate(run: _Run, step: int, adapter: Any = None) -> None:
 class Setup:
     """What a job builds on its model before the first step (`prepare`)."""
 
-    config: Any  # the parsed LycorisConfig
+    config: LycorisConfig
     device: torch.device
     trainable: TrainableAdapter
     optimizer: torch.optim.Optimizer
