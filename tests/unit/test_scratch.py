@@ -20,15 +20,19 @@ def test_a_slot_is_reused_and_grown_within_a_scope_and_released_after():
         assert other.data_ptr() != a.data_ptr()
         half = scratch.take("window", (4, 8), like.half())  # another dtype: its own buffer
         assert half.dtype == torch.float16 and half.data_ptr() != a.data_ptr()
-        ref = weakref.ref(a.untyped_storage())
+        small = weakref.ref(a.untyped_storage())
         del a, b
         gc.collect()
-        assert ref() is not None  # held by the scope
+        assert small() is not None  # held by the scope
         big = scratch.take("window", (16, 8), like)  # larger: a new buffer replaces it
         assert big.shape == (16, 8)
+        held = weakref.ref(big.untyped_storage())
         del big
+        gc.collect()
+        assert small() is None  # the smaller one was freed when it was replaced
+        assert held() is not None  # the larger one is held until the scope ends
     gc.collect()
-    assert ref() is None  # nothing outlives the scope
+    assert held() is None  # nothing outlives the scope
     c, d = scratch.take("window", (4, 8), like), scratch.take("window", (4, 8), like)
     assert c.data_ptr() != d.data_ptr()  # outside a scope: plain allocations
 
